@@ -1,0 +1,123 @@
+"""Class-weight recipes and the RetinaNet prior initialiser."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jfocal import _validation
+
+
+def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
+  r"""The alpha that balances positives against negatives by their counts.
+
+  Chooses :math:`\alpha` with :math:`\alpha / (1 - \alpha) = n / m` for ``m``
+  positives and ``n`` negatives, i.e. :math:`\alpha = n / (m + n)`, so that the
+  total weights :math:`\alpha m` and :math:`(1 - \alpha) n` are equal. Use it as
+  ``alpha`` of the sigmoid losses (a per-class vector if the counts are).
+
+  Args:
+    num_positives: count ``m`` of positive targets, a number or array >= 0.
+    num_negatives: count ``n`` of negative targets, broadcastable with ``m``.
+
+  Returns:
+    ``n / (m + n)`` in float32 (float64 for float64 counts), 0.5 where both
+    counts are 0.
+
+  Examples:
+    >>> import jfocal
+    >>> jfocal.alpha_from_counts(10, 990)
+    Array(0.99, dtype=float32)
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection
+    <https://arxiv.org/abs/1708.02002>`_, ICCV 2017, section 3.1.
+  """
+  counts = []
+  for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
+    value = _validation.as_array(value, name)
+    _validation.require_kind(value, (int, float), message=f"{name} must be a real count; got dtype {value.dtype}")
+    if _validation.is_concrete(value) and bool(jnp.any(value < 0)):
+      raise ValueError(f"{name} must be >= 0; got {value}")
+    counts.append(value)
+  m, n = counts
+  dtype = _validation.wide_float(m.dtype if m.dtype == jnp.float64 else n.dtype)
+  m, n = m.astype(dtype), n.astype(dtype)
+  total = m + n
+  return jnp.where(total > 0, n / jnp.where(total > 0, total, 1), 0.5)
+
+
+def background_alpha(alpha: float, num_classes: int, *, background_index: int = 0,
+                     dtype: Any = jnp.float32) -> jax.Array:
+  r"""Per-class alpha ``[alpha, 1 - alpha, ..., 1 - alpha]`` for a softmax detector.
+
+  The background class gets ``alpha`` and every object class ``1 - alpha``: the
+  background-suppressing vector of many RetinaNet ports (0.25 in the paper).
+  Pass it as ``alpha`` of :func:`jfocal.softmax_focal_loss`.
+
+  Args:
+    alpha: weight of the background class, in [0, 1].
+    num_classes: number of classes ``C`` including the background.
+    background_index: position of the background class (default 0, negative
+      indices count from the end).
+    dtype: dtype of the result.
+
+  Returns:
+    Array of shape ``(num_classes,)``.
+
+  Examples:
+    >>> import jfocal
+    >>> jfocal.background_alpha(0.25, 4)
+    Array([0.25, 0.75, 0.75, 0.75], dtype=float32)
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection
+    <https://arxiv.org/abs/1708.02002>`_, ICCV 2017.
+  """
+  alpha = _validation.static_number(alpha, "alpha", minimum=0.0, maximum=1.0)
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
+  if not isinstance(background_index, int) or not -num_classes <= background_index < num_classes:
+    raise ValueError(f"background_index must be an int in [{-num_classes}, {num_classes}); "
+                     f"got {background_index!r}")
+  return jnp.full((num_classes,), 1.0 - alpha, dtype).at[background_index].set(alpha)
+
+
+def prior_bias_init(prior: float = 0.01) -> Callable[..., jax.Array]:
+  r"""Flax initializer for a classification bias that starts at probability ``prior``.
+
+  Returns an initializer ``init(key, shape, dtype)`` filling the bias with
+  :math:`b = -\log((1 - \pi) / \pi)`, so that :math:`\sigma(b) = \pi`. RetinaNet
+  uses :math:`\pi = 0.01` so that the many background anchors do not swamp
+  the first steps of training with a large loss.
+
+  Args:
+    prior: the initial foreground probability :math:`\pi`, in (0, 1).
+
+  Returns:
+    A function ``(key, shape, dtype=jnp.float32) -> Array`` usable as
+    ``bias_init`` of ``flax.linen.Conv`` or ``flax.linen.Dense``.
+
+  Examples:
+    >>> import jax, jfocal
+    >>> init = jfocal.prior_bias_init(0.01)
+    >>> init(jax.random.key(0), (3,))
+    Array([-4.59512, -4.59512, -4.59512], dtype=float32)
+
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection
+    <https://arxiv.org/abs/1708.02002>`_, ICCV 2017, section 4.1.
+  """
+  prior = _validation.static_number(prior, "prior", minimum=0.0, maximum=1.0)
+  if not 0.0 < prior < 1.0:
+    raise ValueError(f"prior must lie strictly inside (0, 1); got {prior!r}")
+  bias = -math.log((1.0 - prior) / prior)
+
+  def init(key: Any, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+    del key  # deterministic
+    return jnp.full(shape, bias, dtype)
+
+  return init

@@ -1,0 +1,137 @@
+"""The common keywords: masks, weights, label smoothing and reductions.
+
+Both families turn their arguments into an unreduced loss in the compute dtype
+plus an optional boolean mask; everything after that is shared and lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jfocal import _validation
+
+COMMON_ARGS_DOC = """
+    weights: optional per-element weights, broadcastable (NumPy rules) to the
+      unreduced loss; e.g. ``anchor_weights[..., None]`` for a per-anchor weight
+      of a sigmoid loss.
+    where: optional boolean mask broadcastable to the unreduced loss. Masked
+      entries contribute 0, receive a zero gradient (even if their logits hold
+      NaN) and leave the mean's denominator.
+    ignore_index: optional integer; integer labels equal to it are masked like
+      ``where``.
+    label_smoothing: ``eps`` in [0, 1]; targets become ``(1 - eps) * y + eps / K``
+      with ``K = 2`` for the sigmoid family and ``K = C`` for the softmax family.
+    reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
+    normalizer: only with ``reduction="mean"``: a number or scalar array that
+      divides the sum instead of the count of unmasked entries (mmdetection's
+      ``avg_factor``), or ``"num_positives"``: the sum divided by
+      ``max(number of positive targets, 1)``, the detector convention.
+"""
+
+COMMON_RETURNS_DOC = """
+    With ``reduction="none"``, the loss of every element in the dtype of
+    ``logits`` (masked entries are 0). Otherwise a scalar accumulated in
+    float32 (float64 for float64 logits).
+"""
+
+
+REFERENCE_DOC = """
+  References:
+    Lin et al., `Focal Loss for Dense Object Detection
+    <https://arxiv.org/abs/1708.02002>`_, ICCV 2017.
+"""
+
+
+def document_loss(summary: str, formula: str, args: str, example: str,
+                  returns: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Assembles a loss docstring: formula, Args (with the common keywords), Returns, example."""
+  def decorate(fn):
+    fn.__doc__ = (f"{summary}\n{formula}\n  Args:{args}{COMMON_ARGS_DOC}\n"
+                  f"  Returns:{COMMON_RETURNS_DOC}{returns}\n"
+                  f"  Examples:\n{example}\n{REFERENCE_DOC}")
+    return fn
+  return decorate
+
+
+def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
+  present = [mask for mask in masks if mask is not None]
+  if not present:
+    return None
+  combined = present[0]
+  for mask in present[1:]:
+    combined = combined & mask
+  return combined
+
+
+def smooth(targets: jax.Array, label_smoothing: float, num_choices: int) -> jax.Array:
+  if label_smoothing == 0.0:
+    return targets
+  return targets * (1.0 - label_smoothing) + label_smoothing / num_choices
+
+
+def invalid_to_nan(loss: jax.Array, invalid: jax.Array | None) -> jax.Array:
+  """Multiplies by NaN where labels are out of range, so loss *and* gradient are NaN."""
+  if invalid is None:
+    return loss
+  return loss * jnp.where(invalid, jnp.nan, 1.0).astype(loss.dtype)
+
+
+def count(mask: jax.Array | None, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+  if mask is None:
+    return jnp.asarray(int(np.prod(shape)), dtype)
+  return jnp.sum(jnp.broadcast_to(mask, shape), dtype=dtype)
+
+
+def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array | None,
+                reduction: str, normalizer: Any, positives: Callable[[], jax.Array],
+                out_dtype: Any) -> jax.Array:
+  """Applies weights and mask, then the reduction.
+
+  Args:
+    loss: unreduced loss in the compute dtype.
+    mask: boolean mask broadcastable to ``loss`` or None.
+    weights: array broadcastable to ``loss`` or None.
+    reduction: one of ``"none" | "sum" | "mean"`` (already validated).
+    normalizer: None, ``"num_positives"`` or a scalar (already validated).
+    positives: returns the count of unmasked positive targets; called only for
+      ``normalizer="num_positives"``.
+    out_dtype: dtype of the unreduced result.
+  """
+  if weights is not None:
+    loss = loss * weights.astype(loss.dtype)
+  if mask is not None:
+    loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
+  if reduction == "none":
+    return loss.astype(out_dtype)
+  total = jnp.sum(loss)
+  if reduction == "sum":
+    return total
+  if normalizer is None:
+    denominator = jnp.maximum(count(mask, loss.shape, loss.dtype), 1.0)
+  elif isinstance(normalizer, str):
+    denominator = jnp.maximum(positives().astype(loss.dtype), 1.0)
+  else:
+    denominator = jnp.asarray(normalizer).astype(loss.dtype)
+  return total / denominator
+
+
+def prepare_common(logits: Any, labels: Any, *, reduction: Any, normalizer: Any,
+                   label_smoothing: Any):
+  """Converts inputs and checks the keywords every loss shares."""
+  logits = _validation.as_array(logits, "logits")
+  labels = _validation.as_array(labels, "labels")
+  dtype = _validation.compute_dtype(logits)
+  _validation.check_labels_dtype(labels)
+  _validation.check_reduction(reduction, normalizer)
+  label_smoothing = _validation.check_label_smoothing(label_smoothing)
+  return logits, labels, dtype, label_smoothing
+
+
+def user_mask_and_weights(where: Any, weights: Any, shape: tuple[int, ...]):
+  mask = None if where is None else _validation.check_mask(where, shape)
+  weights = None if weights is None else _validation.check_weights(weights, shape)
+  return mask, weights

@@ -1,0 +1,41 @@
+"""Small numerical building blocks shared by the sigmoid and softmax cores."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Integer gamma (2 is the paper's default) becomes repeated multiplication;
+# beyond this exponent the exp/log form is as cheap and just as exact.
+_MAX_INTEGER_POWER = 64
+
+
+def integer_exponent(gamma: float) -> int | None:
+  if gamma.is_integer() and 0 < gamma <= _MAX_INTEGER_POWER:
+    return int(gamma)
+  return None
+
+
+def modulating_factor(base: jax.Array, gamma: float,
+                      log_base: jax.Array | None = None) -> jax.Array:
+  """``base ** gamma`` for ``base`` in [0, 1], with derivatives finite at ``base = 0``.
+
+  ``jnp.power`` differentiates to ``gamma * base ** (gamma - 1)``, which is
+  ``inf * 0 = nan`` at 0 for ``gamma < 1`` (and ``0 * log 0`` at ``gamma = 0``).
+  Here integer exponents are multiplications, and other exponents go through a
+  logarithm: either ``log_base`` supplied by the caller (exact even where
+  ``base`` underflows) or a guarded ``log`` whose gradient is 0 at ``base = 0``,
+  the value it takes once multiplied by the tangent of ``base``, which vanishes
+  at least as fast there.
+  """
+  if gamma == 0.0:
+    return jnp.ones_like(base)
+  exponent = integer_exponent(gamma)
+  if exponent is not None:
+    return lax.integer_pow(base, exponent)
+  if log_base is not None:
+    return jnp.exp(gamma * log_base)
+  positive = base > 0
+  safe_log = jnp.log(jnp.where(positive, base, 1))
+  return jnp.where(positive, jnp.exp(gamma * safe_log), 0)

@@ -1,0 +1,253 @@
+"""Sigmoid family: CE, alpha-balanced CE and focal loss over independent classes.
+
+All three share one elementwise core, ``focal_term(x, y) = (1 - p_t)**gamma * CE``,
+with one analytic derivative rule.
+
+The core works in a *folded* frame: with ``z = |x|`` and the target mass ``u``
+on the side the logit already favours (``u = y`` for ``x >= 0``, ``1 - y``
+otherwise) and ``v = 1 - u`` on the other side, every quantity is a sum of
+non-negative terms built from one ``e = exp(-z)`` in (0, 1]:
+
+    CE          = log1p(e) + v z
+    1 - p_t = m = (u e + v) / (1 + e)
+    d CE / dz   = v - sigma(-z)
+    d log m/dz  = (v - u) * sigma(z) sigma(-z) / m
+    d log m/du  = (e - 1) / (u e + v)
+
+so nothing overflows, nothing cancels, and the only division, by ``u e + v``,
+is by at least ``v`` unless ``v == 0``, where the ratios have the closed forms
+``sigma(z)`` and ``log1p(e) / e``. Derivatives in the original frame carry the
+sign of ``x``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
+
+from jfocal import _common, _math, _validation
+
+
+def _folded(x: jax.Array, y: jax.Array, gamma: float):
+  likely_side = x >= 0
+  z = jnp.abs(x)
+  u = jnp.where(likely_side, y, 1 - y)
+  v = jnp.where(likely_side, 1 - y, y)
+  e = jnp.exp(-z)
+  sigmoid_z = 1 / (1 + e)
+  sigmoid_minus_z = e * sigmoid_z
+  log1p_e = jnp.log1p(e)
+  cross_entropy = log1p_e + v * z
+  scaled_m = u * e + v
+  # v == 0 is the only place where scaled_m (= e) may underflow to 0; the
+  # guarded copy keeps divisions and their derivatives finite elsewhere.
+  certain = v == 0
+  safe_scaled_m = jnp.where(certain, 1, scaled_m)
+  log_m = jnp.where(certain, -z, jnp.log(safe_scaled_m)) - log1p_e
+  weight = _math.modulating_factor(scaled_m * sigmoid_z, gamma, log_m)
+  return locals()
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def focal_term(x: jax.Array, y: jax.Array, gamma: float) -> jax.Array:
+  """``(1 - p_t)**gamma * CE(x, y)`` elementwise, for logits x and targets y in [0, 1]."""
+  f = _folded(x, y, gamma)
+  return f["weight"] * f["cross_entropy"]
+
+
+@functools.partial(focal_term.defjvp, symbolic_zeros=True)
+def _focal_term_jvp(gamma, primals, tangents):
+  x, y = primals
+  x_dot, y_dot = tangents
+  f = _folded(x, y, gamma)
+  weight, cross_entropy, likely_side = f["weight"], f["cross_entropy"], f["likely_side"]
+  value = weight * cross_entropy
+  tangent = jnp.zeros_like(value)
+  if not isinstance(x_dot, SymbolicZero):
+    d_dz = f["v"] - f["sigmoid_minus_z"]
+    if gamma:
+      # sigma(z) sigma(-z) / m; equals sigma(z) exactly where v == 0.
+      pq_over_m = jnp.where(f["certain"], f["sigmoid_z"],
+                            f["sigmoid_minus_z"] / f["safe_scaled_m"])
+      d_dz = d_dz + gamma * cross_entropy * (f["v"] - f["u"]) * pq_over_m
+    d_dz = weight * d_dz
+    tangent = tangent + jnp.where(likely_side, d_dz, -d_dz) * x_dot
+  if not isinstance(y_dot, SymbolicZero):
+    d_du = -f["z"]
+    if gamma:
+      # CE / (u e + v); equals log1p(e) / e (limit 1 as e -> 0) where v == 0.
+      e, log1p_e = f["e"], f["log1p_e"]
+      nonzero_e = e > 0
+      log1p_e_over_e = jnp.where(nonzero_e, log1p_e / jnp.where(nonzero_e, e, 1), 1)
+      ce_over_scaled_m = jnp.where(f["certain"], log1p_e_over_e,
+                                   cross_entropy / f["safe_scaled_m"])
+      d_du = d_du + gamma * (e - 1) * ce_over_scaled_m
+    d_du = weight * d_du
+    tangent = tangent + jnp.where(likely_side, d_du, -d_du) * y_dot
+  return value, tangent
+
+
+def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: Any,
+                  where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
+                  normalizer: Any) -> jax.Array:
+  logits, labels, dtype, label_smoothing = _common.prepare_common(
+      logits, labels, reduction=reduction, normalizer=normalizer,
+      label_smoothing=label_smoothing)
+  gamma = _validation.check_gamma(gamma)
+  ignore_index = _validation.check_ignore_index(ignore_index, labels)
+  shape = logits.shape
+  invalid = ignore_mask = None
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    if not shape:
+      raise ValueError("integer class-id labels need logits with a class axis (shape (..., C)); "
+                       "got scalar logits. Pass binary targets as float or bool labels")
+    num_classes = shape[-1]
+    _validation.check_class_id_shape(
+        labels, shape[:-1],
+        f"logits.shape[:-1]; ids 0..{num_classes - 1} are classes, {num_classes} is background. "
+        "Binary 0/1 targets with the shape of logits must be float or bool")
+    valid = (labels >= 0) & (labels <= num_classes)
+    if ignore_index is not None:
+      ignored = labels == ignore_index
+      valid = valid | ignored
+      ignore_mask = ~ignored[..., None]
+    invalid = ~valid[..., None]
+    class_ids = jnp.arange(num_classes, dtype=labels.dtype)
+    hard_targets = labels[..., None] == class_ids
+  else:
+    _validation.check_same_shape(labels, logits, "float or bool")
+    hard_targets = labels
+  mask, weights = _common.user_mask_and_weights(where, weights, shape)
+  mask = _common.combine_masks(mask, ignore_mask)
+
+  x = logits.astype(dtype)
+  targets = hard_targets.astype(dtype)
+  if mask is not None:
+    # Masked entries may hold anything (padding, NaN): replace them so that
+    # neither their value nor their gradient can leak through the mask.
+    x = jnp.where(mask, x, 0)
+    targets = jnp.where(mask, targets, 0)
+    invalid = None if invalid is None else invalid & mask
+  y = _common.smooth(targets, label_smoothing, 2)
+
+  loss = focal_term(x, y, gamma)
+  if alpha is not None:
+    alpha = _validation.check_alpha(
+        alpha, shape[-1] if shape else None, allow_scalar=True).astype(dtype)
+    loss = loss * (alpha * y + (1 - alpha) * (1 - y))
+  loss = _common.invalid_to_nan(loss, invalid)
+  return _common.reduce_loss(
+      loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
+      positives=lambda: jnp.sum(targets > 0), out_dtype=logits.dtype)
+
+
+_FORMULA = r"""
+  With :math:`p = \sigma(x)`, targets :math:`y \in [0, 1]`,
+  :math:`p_t = y p + (1 - y)(1 - p)` and
+  :math:`\alpha_t = \alpha y + (1 - \alpha)(1 - y)`, the loss of each element is
+
+  .. math::
+    \mathrm{FL}(x, y) = -\alpha_t (1 - p_t)^\gamma
+      \left[y \log p + (1 - y) \log(1 - p)\right],
+
+  which for hard targets is :math:`-\alpha_t (1 - p_t)^\gamma \log p_t`.
+"""
+
+_SHAPES = """
+    logits: float array of any shape ``[..., C]`` (a scalar is allowed with float
+      labels). bfloat16 and float16 are computed in float32.
+    labels: either float or bool targets in [0, 1] with the shape of ``logits``
+      (soft targets are allowed), or integer class ids of shape ``[...]`` =
+      ``logits.shape[:-1]``, where id ``C`` marks a background anchor (all
+      classes negative), as detectron2 and mmdetection label anchors. Ids
+      outside ``[0, C]`` (other than ``ignore_index``) make that row NaN."""
+
+_ALPHA = """
+    alpha: weight of the positive term; the negative term gets ``1 - alpha``.
+      A number in [0, 1], a per-class vector of shape ``(C,)``, or None for no
+      weighting. See :func:`jfocal.alpha_from_counts`."""
+
+@_common.document_loss(
+    "Sigmoid (binary) cross-entropy of independent classes.",
+    r"""
+  .. math::
+    \mathrm{CE}(x, y) = -y \log \sigma(x) - (1 - y) \log(1 - \sigma(x)),
+
+  computed as :math:`\mathrm{softplus}(x) - x y` without cancellation.
+""",
+    _SHAPES,
+    """    >>> import jax.numpy as jnp, jfocal
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([[2.0, -1.0], [0.0, 3.0]])
+    >>> labels = jnp.array([[1.0, 0.0], [1.0, 0.0]])
+    >>> print(jfocal.sigmoid_cross_entropy(logits, labels))
+    [[0.1269 0.3133]
+     [0.6931 3.0486]]""")
+def sigmoid_cross_entropy(logits: Any, labels: Any, *, weights: Any = None, where: Any = None,
+                          ignore_index: int | None = None, label_smoothing: float = 0.0,
+                          reduction: str = "none", normalizer: Any = None) -> jax.Array:
+  return _sigmoid_loss(logits, labels, alpha=None, gamma=0.0, weights=weights, where=where,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       reduction=reduction, normalizer=normalizer)
+
+
+@_common.document_loss(
+    "Alpha-balanced sigmoid cross-entropy: the focal loss with ``gamma = 0``.",
+    r"""
+  .. math::
+    \mathrm{CE}_\alpha(x, y) = -\alpha y \log \sigma(x)
+      - (1 - \alpha)(1 - y) \log(1 - \sigma(x)).
+
+  With ``m`` positives and ``n`` negatives, ``alpha = n / (n + m)`` (so that
+  ``alpha / (1 - alpha) = n / m``) balances their total weights.
+""",
+    _SHAPES + _ALPHA,
+    """    >>> import jax.numpy as jnp, jfocal
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([2.0, -1.0, 0.0])
+    >>> labels = jnp.array([1.0, 0.0, 1.0])
+    >>> print(jfocal.sigmoid_balanced_cross_entropy(logits, labels, alpha=0.25))
+    [0.0317 0.2349 0.1733]""")
+def sigmoid_balanced_cross_entropy(logits: Any, labels: Any, *, alpha: Any = 0.25,
+                                   weights: Any = None, where: Any = None,
+                                   ignore_index: int | None = None,
+                                   label_smoothing: float = 0.0, reduction: str = "none",
+                                   normalizer: Any = None) -> jax.Array:
+  return _sigmoid_loss(logits, labels, alpha=alpha, gamma=0.0, weights=weights, where=where,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       reduction=reduction, normalizer=normalizer)
+
+
+@_common.document_loss(
+    "Sigmoid focal loss (RetinaNet's classification loss).",
+    _FORMULA + r"""
+  ``gamma = 0`` gives the (balanced) cross-entropy exactly. Loss, gradient and
+  Hessian are finite for every finite logit and every ``gamma >= 0``
+  (including ``0 < gamma < 1``); derivatives come from an analytic rule, not
+  from differentiating ``pow``.
+""",
+    _SHAPES + _ALPHA + """
+    gamma: focusing parameter, a static Python number >= 0 (integers become
+      multiplications).""",
+    """    >>> import jax.numpy as jnp, jfocal
+    >>> jnp.set_printoptions(precision=4, suppress=True)
+    >>> logits = jnp.array([[2.0, -1.0, 0.5], [-3.0, 0.0, 4.0]])
+    >>> class_ids = jnp.array([0, 3])  # anchor 0 is class 0, anchor 1 background
+    >>> print(jfocal.sigmoid_focal_loss(logits, class_ids))
+    [[0.0005 0.017  0.2831]
+     [0.0001 0.13   2.9062]]
+    >>> mean = jfocal.sigmoid_focal_loss(logits, class_ids, reduction="mean",
+    ...                                  normalizer="num_positives")
+    >>> round(float(mean), 4)  # the sum over all elements / 1 positive anchor
+    3.3367""")
+def sigmoid_focal_loss(logits: Any, labels: Any, *, alpha: Any = 0.25, gamma: float = 2.0,
+                       weights: Any = None, where: Any = None, ignore_index: int | None = None,
+                       label_smoothing: float = 0.0, reduction: str = "none",
+                       normalizer: Any = None) -> jax.Array:
+  return _sigmoid_loss(logits, labels, alpha=alpha, gamma=gamma, weights=weights, where=where,
+                       ignore_index=ignore_index, label_smoothing=label_smoothing,
+                       reduction=reduction, normalizer=normalizer)

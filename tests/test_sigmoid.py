@@ -1,0 +1,229 @@
+"""The sigmoid family against textbook formulas, the paper's closed forms, optax and itself."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, strategies as st
+
+import jfocal
+import references as ref
+import strategies as S
+from conftest import FLOAT_DTYPES, assert_close
+
+# Central differences in float64 with this step agree to about step**2 * f''' / 6.
+FD_STEP = 1e-5
+FD_RTOL = 1e-6
+
+
+def _alpha(draw, kind, num_classes):
+  if kind == "none":
+    return None
+  if kind == "scalar":
+    return draw(st.floats(0.0, 1.0))
+  return np.asarray(draw(S.probabilities((num_classes,))))
+
+
+@st.composite
+def sigmoid_cases(draw, bound=12.0, label_kinds=("hard", "soft", "ids")):
+  dtype = draw(S.dtypes)
+  num_classes = draw(st.integers(1, 4))
+  shape = draw(S.batch_shapes) + (num_classes,)
+  kind = draw(st.sampled_from(label_kinds))
+  x = draw(S.logits(shape, bound))
+  if kind == "ids":
+    ids = np.asarray(draw(S.hnp.arrays(np.int32, shape[:-1],
+                                       elements=st.integers(0, num_classes))))
+    labels = jnp.asarray(ids)
+    y64 = (ids[..., None] == np.arange(num_classes)).astype(np.float64)
+  else:
+    y = draw(S.hard_labels(shape) if kind == "hard" else S.probabilities(shape))
+    labels, y64 = S.cast(y, dtype)
+  logits, x64 = S.cast(x, dtype)
+  alpha = _alpha(draw, draw(st.sampled_from(["none", "scalar", "vector"])), num_classes)
+  return dict(dtype=dtype, logits=logits, x64=x64, labels=labels, y64=y64, kind=kind,
+              alpha=alpha, gamma=draw(S.gammas))
+
+
+def _loss(case, **kw):
+  return jax.jit(lambda x, y: jfocal.sigmoid_focal_loss(
+      x, y, alpha=case["alpha"], gamma=case["gamma"], **kw))
+
+
+@given(case=sigmoid_cases())
+def test_value_and_gradients_match_float64_autodiff_of_the_textbook_formula(case):
+  fn = _loss(case)
+  reference = ref.on_reference_device(
+      lambda x, y: ref.sigmoid_focal_textbook(x, y, case["alpha"], case["gamma"]))
+  value = fn(case["logits"], case["labels"])
+  assert value.dtype == case["dtype"]
+  assert_close(value, reference(case["x64"], case["y64"]), case["dtype"], what="loss")
+
+  argnums = (0,) if case["kind"] == "ids" else (0, 1)
+  grads = jax.grad(lambda x, y: jnp.sum(fn(x, y).astype(jnp.float32)), argnums)(
+      case["logits"], case["labels"])
+  expected = jax.grad(lambda x, y: jnp.sum(reference(x, y)), argnums)(case["x64"], case["y64"])
+  for name, got, want in zip(("d/dlogits", "d/dlabels"), grads, expected):
+    assert got.dtype == case["dtype"]
+    assert_close(got, want, case["dtype"], what=name)
+
+
+@given(case=sigmoid_cases(bound=1e4, label_kinds=("hard", "ids")))
+def test_gradient_matches_the_papers_closed_form_at_any_logit(case):
+  fn = _loss(case)
+  grad = jax.grad(lambda x: jnp.sum(fn(x, case["labels"]).astype(jnp.float32)))(case["logits"])
+  expected = ref.sigmoid_focal_grad_paper(case["x64"], case["y64"], case["alpha"], case["gamma"])
+  assert_close(grad, expected, case["dtype"], what="d/dlogits")
+
+
+@given(x=S.logits((6,), 8.0), y=S.probabilities((6,)), gamma=S.gammas,
+       alpha=st.none() | st.floats(0, 1))
+def test_gradients_match_finite_differences(x, y, gamma, alpha):
+  loss = lambda x, y: jnp.sum(jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma))
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  grad_x, grad_y = jax.grad(loss, (0, 1))(x, y)
+  for i in range(x.shape[0]):
+    step = jnp.zeros_like(x).at[i].set(FD_STEP)
+    fd_x = (loss(x + step, y) - loss(x - step, y)) / (2 * FD_STEP)
+    np.testing.assert_allclose(grad_x[i], fd_x, rtol=FD_RTOL, atol=FD_RTOL)
+    # Keep the label inside [0, 1] so both sides of the difference are valid targets.
+    yi = jnp.clip(y[i], FD_STEP, 1 - FD_STEP)
+    y_mid = y.at[i].set(yi)
+    fd_y = (loss(x, y_mid + step) - loss(x, y_mid - step)) / (2 * FD_STEP)
+    np.testing.assert_allclose(jax.grad(loss, 1)(x, y_mid)[i], fd_y, rtol=FD_RTOL, atol=FD_RTOL)
+
+
+def _elementwise_second_derivatives(fn, x, y):
+  """d2/dx2, d2/dxdy, d2/dy2 of an elementwise loss, by forward-over-reverse."""
+  grad_x = lambda x, y: jax.grad(lambda x: jnp.sum(fn(x, y)))(x)
+  grad_y = lambda x, y: jax.grad(lambda y: jnp.sum(fn(x, y)))(y)
+  ones = jnp.ones_like(x)
+  return (jax.jvp(lambda x: grad_x(x, y), (x,), (ones,))[1],
+          jax.jvp(lambda y: grad_x(x, y), (y,), (ones,))[1],
+          jax.jvp(lambda y: grad_y(x, y), (y,), (ones,))[1])
+
+
+@given(x=S.logits((8,), 10.0), y=S.probabilities((8,), 0.02, 0.98) | S.hard_labels((8,)),
+       gamma=S.gammas, alpha=st.none() | st.floats(0, 1))
+def test_second_derivatives_match_float64_textbook(x, y, gamma, alpha):
+  fn = lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
+  reference = ref.on_reference_device(
+      lambda x, y: _elementwise_second_derivatives(
+          lambda x, y: ref.sigmoid_focal_textbook(x, y, alpha, gamma), x, y))
+  hard = bool(np.all((y == 0) | (y == 1)))
+  got = _elementwise_second_derivatives(fn, jnp.asarray(x), jnp.asarray(y))
+  want = reference(x, y)
+  # Second derivatives that involve labels are only promised strictly inside (0, 1).
+  names = ("d2/dx2",) if hard else ("d2/dx2", "d2/dxdy", "d2/dy2")
+  for name, g, w in zip(names, got, want):
+    assert_close(g, w, jnp.float64, what=name, scale=1e3)
+
+
+EXTREME_LOGITS = np.array([-1e4, -1e3, -100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 1e3, 1e4])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("gamma", [0.0, 0.1, 0.5, 1.0, 1.5, 2.0, 4.5])
+def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(dtype, gamma, transform):
+  big = float(jnp.finfo(dtype).max)
+  x = jnp.asarray(np.clip(EXTREME_LOGITS, -big, big)).astype(dtype)
+  labels = jnp.asarray([0.0, 1.0, 0.3, 1e-6, 1 - 1e-6])[:, None].astype(dtype)
+  x, y = jnp.broadcast_arrays(x, labels)
+  fn = transform(lambda x, y: jfocal.sigmoid_focal_loss(x, y, gamma=gamma).astype(jnp.float32))
+  value = fn(x, y)
+  grad_x, grad_y = jax.grad(lambda x, y: jnp.sum(fn(x, y)), (0, 1))(x, y)
+  hessian_diag = jax.jvp(lambda x: jax.grad(lambda x: jnp.sum(fn(x, y)))(x),
+                         (x,), (jnp.ones_like(x),))[1]
+  for name, array in [("loss", value), ("d/dx", grad_x), ("d/dy", grad_y),
+                      ("d2/dx2", hessian_diag)]:
+    bad = ~np.isfinite(np.asarray(array, np.float64))
+    assert not bad.any(), f"{name} not finite at x={x[bad]}, y={y[bad]}: {array[bad]}"
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_confidently_wrong_predictions_keep_their_gradient(gamma):
+  # keras clips p to [eps, 1 - eps] and loses this gradient beyond |x| ~ 16.
+  x = jnp.array([-20.0, -50.0, -1e4], jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(jfocal.sigmoid_focal_loss(x, jnp.ones_like(x),
+                                                              alpha=None, gamma=gamma)))(x)
+  np.testing.assert_allclose(grad, -1.0, rtol=1e-6)
+
+
+@given(x=S.logits((4, 3), 10.0), y=S.probabilities((4, 3)) | S.hard_labels((4, 3)),
+       gamma=S.gammas)
+def test_agrees_with_optax_sigmoid_focal_loss(x, y, gamma):
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  for alpha in (None, 0.25):
+    ours = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
+    theirs = lambda x: optax.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
+    assert_close(ours(x), theirs(x), jnp.float32, what="loss vs optax")
+    assert_close(jax.grad(lambda x: jnp.sum(ours(x)))(x), jax.grad(lambda x: jnp.sum(theirs(x)))(x),
+                 jnp.float32, what="gradient vs optax")
+
+
+@given(x=S.logits((5, 2), 30.0), y=S.probabilities((5, 2)))
+def test_cross_entropy_agrees_with_optax(x, y):
+  x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
+  assert_close(jfocal.sigmoid_cross_entropy(x, y), optax.sigmoid_binary_cross_entropy(x, y),
+               jnp.float32)
+
+
+def test_balanced_cross_entropy_and_cross_entropy_are_focal_loss_at_gamma_zero(transform):
+  x = jnp.linspace(-6.0, 6.0, 12).reshape(4, 3)
+  y = jnp.asarray(np.random.default_rng(0).uniform(size=(4, 3)))
+  np.testing.assert_array_equal(
+      transform(jfocal.sigmoid_balanced_cross_entropy)(x, y),
+      transform(lambda x, y: jfocal.sigmoid_focal_loss(x, y, gamma=0.0))(x, y))
+  np.testing.assert_array_equal(
+      transform(jfocal.sigmoid_cross_entropy)(x, y),
+      transform(lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=None, gamma=0.0))(x, y))
+
+
+@pytest.mark.parametrize("p_t, ratio", [(0.9, 100.0), (0.968, 1000.0)])
+def test_papers_claimed_reduction_of_easy_examples(p_t, ratio):
+  # Section 3.2: with gamma = 2, an example at p_t = 0.9 has 100x lower loss than
+  # CE, at p_t ~ 0.968 1000x lower.
+  x = jnp.log(p_t / (1 - p_t))
+  ce = jfocal.sigmoid_cross_entropy(x, 1.0)
+  fl = jfocal.sigmoid_focal_loss(x, 1.0, alpha=None, gamma=2.0)
+  np.testing.assert_allclose(ce / fl, ratio, rtol=0.025)
+
+
+def test_hard_examples_lose_at_most_a_factor_four():
+  p_t = jnp.linspace(1e-4, 0.5, 200)
+  x = jnp.log(p_t / (1 - p_t))
+  ratio = jfocal.sigmoid_cross_entropy(x, jnp.ones_like(x)) / jfocal.sigmoid_focal_loss(
+      x, jnp.ones_like(x), alpha=None, gamma=2.0)
+  assert np.all(ratio <= 4.0 + 1e-9) and np.all(ratio >= 1.0)
+
+
+@given(ids=S.hnp.arrays(np.int32, (2, 5), elements=st.integers(0, 3)), x=S.logits((2, 5, 3), 10.0),
+       gamma=S.gammas)
+def test_integer_ids_equal_their_one_hot_targets_and_id_c_is_background(ids, x, gamma):
+  x = jnp.asarray(x, jnp.float32)
+  one_hot = (ids[..., None] == np.arange(3)).astype(np.float32)  # id 3 -> all zeros
+  fn = jax.jit(lambda x, y: jfocal.sigmoid_focal_loss(x, y, gamma=gamma))
+  np.testing.assert_array_equal(fn(x, jnp.asarray(ids)), fn(x, jnp.asarray(one_hot)))
+  grad = lambda y: jax.grad(lambda x: jnp.sum(fn(x, y)))(x)
+  np.testing.assert_array_equal(grad(jnp.asarray(ids)), grad(jnp.asarray(one_hot)))
+
+
+def test_out_of_range_ids_give_nan_for_their_row_only(transform):
+  x = jnp.zeros((4, 3), jnp.float32)
+  ids = jnp.array([0, 3, 4, -2])  # valid, background, too large, negative
+  loss = transform(lambda x, y: jfocal.sigmoid_focal_loss(x, y))(x, ids)
+  assert np.all(np.isfinite(loss[:2])) and np.all(np.isnan(loss[2:]))
+  assert np.isnan(transform(lambda x, y: jfocal.sigmoid_focal_loss(x, y, reduction="sum"))(x, ids))
+  grad = jax.grad(lambda x: jnp.sum(jfocal.sigmoid_focal_loss(x, ids)))(x)
+  assert np.all(np.isfinite(grad[:2])) and np.all(np.isnan(grad[2:]))
+
+
+def test_ignore_index_masks_the_whole_anchor(transform):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)), jnp.float32)
+  ids = jnp.array([0, -1, 3, 2])
+  fn = transform(lambda x: jfocal.sigmoid_focal_loss(x, ids, ignore_index=-1, reduction="mean"))
+  kept = np.array([0, 2, 3])
+  expected = jfocal.sigmoid_focal_loss(x[kept], ids[kept], reduction="mean")
+  np.testing.assert_allclose(fn(x), expected, rtol=1e-6)
+  assert np.all(jax.grad(fn)(x)[1] == 0)
