@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jfocal import _validation
 
@@ -38,10 +39,11 @@ def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
   """
   counts = []
   for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
-    value = _validation.as_array(value, name)
-    _validation.require_kind(value, (int, float), message=f"{name} must be a real count; got dtype {value.dtype}")
-    if _validation.is_concrete(value) and bool(jnp.any(value < 0)):
+    if _validation.is_concrete(value) and np.any(np.asarray(value) < 0):
       raise ValueError(f"{name} must be >= 0; got {value}")
+    value = _validation.as_array(value, name)
+    _validation.require_kind(value, (int, float),
+                             message=f"{name} must be a real count; got dtype {value.dtype}")
     counts.append(value)
   m, n = counts
   dtype = _validation.wide_float(m.dtype if m.dtype == jnp.float64 else n.dtype)

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jfocal import _common, _math, _validation
 
@@ -73,8 +74,7 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
   num_classes = logits.shape[axis]
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
   if alpha is not None:
-    alpha = _validation.as_array(alpha, "alpha")
-    if alpha.ndim == 0:
+    if np.ndim(alpha) == 0:
       raise ValueError(
           "alpha of a softmax loss must be a per-class vector of shape "
           f"({num_classes},); got a number. For the background-style vector "

@@ -94,8 +94,12 @@ def check_label_smoothing(label_smoothing: Any) -> float:
   return static_number(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0)
 
 
-def check_probabilities(values: jax.Array, name: str) -> None:
-  """Checks that a concrete array lies in [0, 1]; traced arrays are left alone."""
+def check_probabilities(values: Any, name: str) -> None:
+  """Checks that concrete values lie in [0, 1]; traced arrays are left alone.
+
+  Takes the caller's object rather than a `jnp` array made from it: under
+  `jax.jit` even a Python constant becomes a tracer once converted.
+  """
   if not is_concrete(values):
     return
   host = np.asarray(values, dtype=np.float64)
@@ -110,13 +114,13 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> j
 
   `num_classes` is None for logits without a class axis, where only a number fits.
   """
-  alpha = as_array(alpha, "alpha")
+  raw, alpha = alpha, as_array(alpha, "alpha")
   require_kind(alpha, (float, int),
                message=f"alpha must hold real numbers; got dtype {alpha.dtype}")
   expected = f"a per-class vector of shape ({num_classes},)"
   if allow_scalar:
     if alpha.ndim == 0:
-      check_probabilities(alpha, "alpha")
+      check_probabilities(raw, "alpha")
       return alpha
     if num_classes is None:
       raise ValueError(f"alpha must be a number for logits without a class axis; "
@@ -127,7 +131,7 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> j
   require(chex.assert_shape, alpha, (num_classes,),
           message=f"alpha must have one entry per class, shape ({num_classes},); "
           f"got shape {alpha.shape}")
-  check_probabilities(alpha, "alpha")
+  check_probabilities(raw, "alpha")
   return alpha
 
 
