@@ -2,6 +2,8 @@
 
 import doctest
 import inspect
+import pathlib
+import re
 
 import jax
 import pytest
@@ -38,3 +40,13 @@ def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE, verbose=False)
   assert result.attempted > 0
   assert result.failed == 0, f"{result.failed} docstring example(s) failed in {module.__name__}"
+
+
+def test_readme_quick_start_runs():
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  code = re.search(r"## Quick start\n\n```python\n(.*?)```", readme, re.S).group(1)
+  assert len(code.strip().splitlines()) <= 15
+  namespace = {}
+  with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    exec(compile(code, "README.md", "exec"), namespace)
+  assert namespace["loss"].shape == () and bool(jax.numpy.isfinite(namespace["loss"]))
