@@ -68,17 +68,20 @@ def softmax_focal_textbook(x, y, alpha, gamma, axis=-1):
 def softmax_focal_grad_paper(x, t, alpha, gamma):
   """Closed-form gradient of -alpha_t (1 - p_t)^g log p_t for class ids t, classes last.
 
-  dL/dx_k = alpha_t [g p_t (1 - p_t)^(g - 1) log p_t - (1 - p_t)^g] (delta_kt - p_k).
+  dL/dx_k = alpha_t [g p_t (1 - p_t)^(g - 1) log p_t - (1 - p_t)^g] (delta_kt - p_k),
+  with 1 - p_t summed from the other classes' probabilities and log p_t from log1p,
+  so that both keep their relative precision when p_t rounds to 1.
   """
   x = np.asarray(x, np.float64)
   t = np.asarray(t)
-  log_p = x - np.max(x, -1, keepdims=True)
-  log_p = log_p - np.log(np.sum(np.exp(log_p), -1, keepdims=True))
-  p = np.exp(log_p)
-  log_p_t = np.take_along_axis(log_p, t[..., None], -1)
-  p_t = np.exp(log_p_t)
-  one_minus = -np.expm1(log_p_t)
-  slope = gamma * p_t * one_minus ** (gamma - 1) * log_p_t - one_minus ** gamma
   one_hot = np.arange(x.shape[-1]) == t[..., None]
+  x_t = np.take_along_axis(x, t[..., None], -1)
+  others = np.where(one_hot, 0.0, np.exp(np.minimum(x - x_t, 700.0)))
+  log_p_t = -np.log1p(np.sum(others, -1, keepdims=True))
+  p = np.exp(x - np.max(x, -1, keepdims=True))
+  p = p / np.sum(p, -1, keepdims=True)
+  one_minus = np.sum(np.where(one_hot, 0.0, p), -1, keepdims=True)
+  p_t = np.exp(log_p_t)
+  slope = gamma * p_t * one_minus ** (gamma - 1) * log_p_t - one_minus ** gamma
   alpha_t = 1.0 if alpha is None else np.asarray(alpha, np.float64)[t][..., None]
   return alpha_t * slope * (one_hot - p)

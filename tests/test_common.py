@@ -173,3 +173,15 @@ def test_bool_labels_equal_float_labels(transform):
   fn = transform(jfocal.sigmoid_focal_loss)
   np.testing.assert_array_equal(fn(logits, jnp.asarray(labels)),
                                 fn(logits, jnp.asarray(labels, jnp.float32)))
+
+
+def test_jvp_and_linearize_agree_with_grad(loss):
+  fn, family = loss
+  logits, ids = _batch(family, jnp.float64, seed=7)
+  total = lambda x: jnp.sum(fn(x, ids))
+  direction = jnp.asarray(np.random.default_rng(8).normal(size=logits.shape))
+  expected = jnp.vdot(jax.grad(total)(logits), direction)
+  _, forward = jax.jvp(total, (logits,), (direction,))
+  _, linear = jax.linearize(total, logits)
+  np.testing.assert_allclose(forward, expected, rtol=1e-12)
+  np.testing.assert_allclose(linear(direction), expected, rtol=1e-12)

@@ -42,13 +42,30 @@ def sigmoid_cases(draw, bound=12.0, label_kinds=("hard", "soft", "ids")):
     labels, y64 = S.cast(y, dtype)
   logits, x64 = S.cast(x, dtype)
   alpha = _alpha(draw, draw(st.sampled_from(["none", "scalar", "vector"])), num_classes)
+  face = draw(st.sampled_from(sorted(FACES)))
+  if face == "sigmoid_cross_entropy":
+    alpha = None
+  if face != "sigmoid_focal_loss":
+    gamma = 0.0
+  else:
+    gamma = draw(S.gammas)
   return dict(dtype=dtype, logits=logits, x64=x64, labels=labels, y64=y64, kind=kind,
-              alpha=alpha, gamma=draw(S.gammas))
+              alpha=alpha, gamma=gamma, face=face)
 
 
-def _loss(case, **kw):
-  return jax.jit(lambda x, y: jfocal.sigmoid_focal_loss(
-      x, y, alpha=case["alpha"], gamma=case["gamma"], **kw))
+# Each public face and how it calls the shared core; the reference only sees alpha and gamma.
+FACES = {
+    "sigmoid_cross_entropy": lambda x, y, alpha, gamma: jfocal.sigmoid_cross_entropy(x, y),
+    "sigmoid_balanced_cross_entropy": lambda x, y, alpha, gamma:
+        jfocal.sigmoid_balanced_cross_entropy(x, y, alpha=alpha),
+    "sigmoid_focal_loss": lambda x, y, alpha, gamma:
+        jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma),
+}
+
+
+def _loss(case):
+  face = FACES[case["face"]]
+  return jax.jit(lambda x, y: face(x, y, case["alpha"], case["gamma"]))
 
 
 @given(case=sigmoid_cases())

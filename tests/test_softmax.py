@@ -31,13 +31,29 @@ def softmax_cases(draw, bound=12.0, label_kinds=("ids", "distribution")):
     weights = np.asarray(draw(S.probabilities(shape, 0.0, 1.0))) + 1e-3
     labels, y64 = S.cast(weights / weights.sum(-1, keepdims=True), dtype)
   alpha = draw(st.none() | S.probabilities((num_classes,)).map(np.asarray))
+  face = draw(st.sampled_from(sorted(FACES)))
+  if face == "softmax_cross_entropy":
+    alpha = None
+  if face == "softmax_balanced_cross_entropy" and alpha is None:
+    alpha = np.linspace(0.2, 1.0, num_classes)
+  gamma = draw(S.gammas) if face == "softmax_focal_loss" else 0.0
   return dict(dtype=dtype, logits=logits, x64=x64, labels=labels, y64=y64, kind=kind,
-              alpha=alpha, gamma=draw(S.gammas))
+              alpha=alpha, gamma=gamma, face=face)
 
 
-def _loss(case, **kw):
-  return jax.jit(lambda x, y: jfocal.softmax_focal_loss(
-      x, y, alpha=case["alpha"], gamma=case["gamma"], **kw))
+# Each public face and how it calls the shared core; the reference only sees alpha and gamma.
+FACES = {
+    "softmax_cross_entropy": lambda x, y, alpha, gamma: jfocal.softmax_cross_entropy(x, y),
+    "softmax_balanced_cross_entropy": lambda x, y, alpha, gamma:
+        jfocal.softmax_balanced_cross_entropy(x, y, alpha=alpha),
+    "softmax_focal_loss": lambda x, y, alpha, gamma:
+        jfocal.softmax_focal_loss(x, y, alpha=alpha, gamma=gamma),
+}
+
+
+def _loss(case):
+  face = FACES[case["face"]]
+  return jax.jit(lambda x, y: face(x, y, case["alpha"], case["gamma"]))
 
 
 @given(case=softmax_cases())
