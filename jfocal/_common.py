@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfocal import _validation
+from jfocal import _math, _validation
 
 COMMON_ARGS_DOC = """
     weights: optional per-element weights, broadcastable (NumPy rules) to the
@@ -107,7 +107,7 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
     loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
   if reduction == "none":
     return loss.astype(out_dtype)
-  total = jnp.sum(loss)
+  total = jnp.sum(_math.fence(loss))  # a plain loop writes the loss, the sum reads it
   if reduction == "sum":
     return total
   if normalizer is None:

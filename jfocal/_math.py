@@ -39,3 +39,21 @@ def modulating_factor(base: jax.Array, gamma: float,
   positive = base > 0
   safe_log = jnp.log(jnp.where(positive, base, 1))
   return jnp.where(positive, jnp.exp(gamma * safe_log), 0)
+
+
+def fence(x: jax.Array) -> jax.Array:
+  """The identity, as an XLA op that CPU fusion treats as a boundary.
+
+  XLA on the CPU (a) shares every expensive intermediate (exp, log1p, divide)
+  between the loss and its gradient by writing it to memory, and (b) hands a
+  sum over a long elementwise chain to a reduction kernel that runs it several
+  times slower than a plain loop. A `reduce_precision` to the array's own
+  precision changes no bit, survives XLA's simplifier, and is neither merged
+  by common-subexpression elimination nor pulled into that reduction: the
+  loss and the gradient become two single-pass loops and the sum reads one
+  materialised array. Other backends fuse well on their own and get `x` as is.
+  """
+  if jax.default_backend() != "cpu":
+    return x
+  info = jnp.finfo(x.dtype)
+  return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)

@@ -63,9 +63,12 @@ def focal_term(x: jax.Array, y: jax.Array, gamma: float) -> jax.Array:
 def _focal_term_jvp(gamma, primals, tangents):
   x, y = primals
   x_dot, y_dot = tangents
-  f = _folded(x, y, gamma)
+  value = focal_term.fun(x, y, gamma)
+  # The derivative recomputes its intermediates from fenced inputs instead of
+  # sharing them with the value: two single-pass loops beat one that spills
+  # exp, log1p and 1/(1+e) to memory for the other to read (see _math.fence).
+  f = _folded(_math.fence(x), _math.fence(y), gamma)
   weight, cross_entropy, likely_side = f["weight"], f["cross_entropy"], f["likely_side"]
-  value = weight * cross_entropy
   tangent = jnp.zeros_like(value)
   if not isinstance(x_dot, SymbolicZero):
     d_dz = f["v"] - f["sigmoid_minus_z"]
