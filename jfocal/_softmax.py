@@ -45,11 +45,15 @@ def focal_term(l: jax.Array, gamma: float) -> jax.Array:
 @focal_term.defjvp
 def _focal_term_jvp(gamma, primals, tangents):
   (l,), (l_dot,) = primals, tangents
+  value = focal_term.fun(l, gamma)
+  # Recomputed from a fenced copy rather than shared with the value: XLA on
+  # the CPU then emits two single loops instead of many small kernels.
+  l = _math.fence(l)
   weight = _math.modulating_factor(-jnp.expm1(l), gamma)
   slope = -1.0
   if gamma:
     slope = gamma * jnp.exp(l) * _log_p_over_one_minus_p(l) - 1
-  return weight * -l, weight * slope * l_dot
+  return value, weight * slope * l_dot
 
 
 def _class_axis(axis: Any, ndim: int) -> int:
