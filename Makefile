@@ -6,12 +6,12 @@ STAMP := $(VENV)/.installed
 # Two workers: one per core of the CI machine.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test demo clean
+.PHONY: test demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,bench]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -19,6 +19,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/imbalanced_digits.py
+
+# Timings side by side with optax, a naive loss and a floor kernel; writes
+# benchmarks/results.md, results.json and results.png.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

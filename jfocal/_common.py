@@ -106,7 +106,8 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
   if mask is not None:
     loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
   if reduction == "none":
-    return loss.astype(out_dtype)
+    # Fenced too, so that a caller's own jnp.sum(loss) also reads a materialised array.
+    return _math.fence(loss.astype(out_dtype))
   total = jnp.sum(_math.fence(loss))  # a plain loop writes the loss, the sum reads it
   if reduction == "sum":
     return total

@@ -1,0 +1,27 @@
+"""The benchmark script runs and writes its report (a smoke test: nothing here is timed)."""
+
+import json
+import pathlib
+import runpy
+import sys
+
+import jax
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "run.py"
+
+
+def test_quick_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
+  monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--sizes", "10", "--classes", "4",
+                                    "--dtypes", "float32", "--rounds", "2", "--out", str(tmp_path)])
+  # The benchmark measures JAX's defaults (float32, standard promotion), not the suite's mode.
+  with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+  rows = json.loads((tmp_path / "results.json").read_text())
+  impls = {(r["family"], r["impl"]) for r in rows}
+  assert {("sigmoid", "jfocal"), ("sigmoid", "optax"), ("sigmoid", "naive"),
+          ("softmax", "jfocal"), ("softmax", "optax CE"), ("softmax", "floor")} <= impls
+  assert all(r["median_s"] > 0 for r in rows)
+  table = (tmp_path / "results.md").read_text()
+  assert "| sigmoid | float32 | 4 |" in table and "faster than optax" in table
+  assert (tmp_path / "results.png").stat().st_size > 0
