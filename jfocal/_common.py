@@ -120,16 +120,21 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
   return total / denominator
 
 
-def prepare_common(logits: Any, labels: Any, *, reduction: Any, normalizer: Any,
-                   label_smoothing: Any):
-  """Converts inputs and checks the keywords every loss shares."""
+def prepare_common(logits: Any, labels: Any, *, gamma: Any, ignore_index: Any, reduction: Any,
+                   normalizer: Any, label_smoothing: Any):
+  """Converts inputs and checks the arguments every loss shares.
+
+  Returns logits, labels, the compute dtype, and the checked gamma, ignore_index
+  and label_smoothing.
+  """
   logits = _validation.as_array(logits, "logits")
   labels = _validation.as_array(labels, "labels")
   dtype = _validation.compute_dtype(logits)
   _validation.check_labels_dtype(labels)
   _validation.check_reduction(reduction, normalizer)
-  label_smoothing = _validation.check_label_smoothing(label_smoothing)
-  return logits, labels, dtype, label_smoothing
+  return (logits, labels, dtype, _validation.check_gamma(gamma),
+          _validation.check_ignore_index(ignore_index, labels),
+          _validation.check_label_smoothing(label_smoothing))
 
 
 def user_mask_and_weights(where: Any, weights: Any, shape: tuple[int, ...]):

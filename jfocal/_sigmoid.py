@@ -40,7 +40,7 @@ def _folded(x: jax.Array, y: jax.Array, gamma: float):
   e = jnp.exp(-z)
   sigmoid_z = 1 / (1 + e)
   sigmoid_minus_z = e * sigmoid_z
-  log1p_e = jnp.log1p(e)
+  log1p_e = _math.log1p_of_unit(e)
   cross_entropy = log1p_e + v * z
   scaled_m = u * e + v
   # v == 0 is the only place where scaled_m (= e) may underflow to 0; the
@@ -97,11 +97,9 @@ def _focal_term_jvp(gamma, primals, tangents):
 def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: Any,
                   where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
                   normalizer: Any) -> jax.Array:
-  logits, labels, dtype, label_smoothing = _common.prepare_common(
-      logits, labels, reduction=reduction, normalizer=normalizer,
-      label_smoothing=label_smoothing)
-  gamma = _validation.check_gamma(gamma)
-  ignore_index = _validation.check_ignore_index(ignore_index, labels)
+  logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
+      logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+      normalizer=normalizer, label_smoothing=label_smoothing)
   shape = logits.shape
   invalid = ignore_mask = None
   if jnp.issubdtype(labels.dtype, jnp.integer):

@@ -69,11 +69,9 @@ def _class_axis(axis: Any, ndim: int) -> int:
 def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any, weights: Any,
                   where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
                   normalizer: Any) -> jax.Array:
-  logits, labels, dtype, label_smoothing = _common.prepare_common(
-      logits, labels, reduction=reduction, normalizer=normalizer,
-      label_smoothing=label_smoothing)
-  gamma = _validation.check_gamma(gamma)
-  ignore_index = _validation.check_ignore_index(ignore_index, labels)
+  logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
+      logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+      normalizer=normalizer, label_smoothing=label_smoothing)
   axis = _class_axis(axis, logits.ndim)
   num_classes = logits.shape[axis]
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
