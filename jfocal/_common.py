@@ -132,8 +132,17 @@ def prepare_common(logits: Any, labels: Any, *, gamma: Any, ignore_index: Any, r
   dtype = _validation.compute_dtype(logits)
   _validation.check_labels_dtype(labels)
   _validation.check_reduction(reduction, normalizer)
-  return (logits, labels, dtype, _validation.check_gamma(gamma),
-          _validation.check_ignore_index(ignore_index, labels),
+  ignore_index = _validation.check_ignore_index(ignore_index, labels)
+  if jnp.issubdtype(labels.dtype, jnp.integer):
+    # Class ids of any integer dtype become one signed dtype that holds every
+    # class count and a negative ignore_index; ids that do not fit wrap to
+    # negative values, which are out of range (NaN), never a valid class.
+    wide = jnp.int64 if labels.dtype.itemsize == 8 or labels.dtype == jnp.uint32 else jnp.int32
+    labels = labels.astype(wide if jax.config.jax_enable_x64 else jnp.int32)
+    info = jnp.iinfo(labels.dtype)
+    if ignore_index is not None and not info.min <= ignore_index <= info.max:
+      ignore_index = None  # no label can equal it
+  return (logits, labels, dtype, _validation.check_gamma(gamma), ignore_index,
           _validation.check_label_smoothing(label_smoothing))
 
 

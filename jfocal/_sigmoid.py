@@ -41,11 +41,12 @@ def _folded(x: jax.Array, y: jax.Array, gamma: float):
   sigmoid_z = 1 / (1 + e)
   sigmoid_minus_z = e * sigmoid_z
   log1p_e = _math.log1p_of_unit(e)
-  cross_entropy = log1p_e + v * z
-  scaled_m = u * e + v
   # v == 0 is the only place where scaled_m (= e) may underflow to 0; the
   # guarded copy keeps divisions and their derivatives finite elsewhere.
   certain = v == 0
+  # 0 * inf would make a confidently right infinite logit NaN instead of 0.
+  cross_entropy = log1p_e + jnp.where(certain, 0, v * z)
+  scaled_m = u * e + v
   safe_scaled_m = jnp.where(certain, 1, scaled_m)
   log_m = jnp.where(certain, -z, jnp.log(safe_scaled_m)) - log1p_e
   weight = _math.modulating_factor(scaled_m * sigmoid_z, gamma, log_m)
@@ -67,7 +68,10 @@ def _focal_term_jvp(gamma, primals, tangents):
   # The derivative recomputes its intermediates from fenced inputs instead of
   # sharing them with the value: two single-pass loops beat one that spills
   # exp, log1p and 1/(1+e) to memory for the other to read (see _math.fence).
-  f = _folded(_math.fence(x), _math.fence(y), gamma)
+  # Clipping infinite logits to the largest float gives the limits of the
+  # derivatives (every term in CE * sigma(-z) underflows to 0) without inf * 0.
+  big = jnp.finfo(x.dtype).max
+  f = _folded(_math.fence(jnp.clip(x, -big, big)), _math.fence(y), gamma)
   weight, cross_entropy, likely_side = f["weight"], f["cross_entropy"], f["likely_side"]
   tangent = jnp.zeros_like(value)
   if not isinstance(x_dot, SymbolicZero):
@@ -76,7 +80,8 @@ def _focal_term_jvp(gamma, primals, tangents):
       # sigma(z) sigma(-z) / m; equals sigma(z) exactly where v == 0.
       pq_over_m = jnp.where(f["certain"], f["sigmoid_z"],
                             f["sigmoid_minus_z"] / f["safe_scaled_m"])
-      d_dz = d_dz + gamma * cross_entropy * (f["v"] - f["u"]) * pq_over_m
+      # pq_over_m first: it vanishes where CE is huge (clipped infinite logits).
+      d_dz = d_dz + gamma * (pq_over_m * cross_entropy) * (f["v"] - f["u"])
     d_dz = weight * d_dz
     tangent = tangent + jnp.where(likely_side, d_dz, -d_dz) * x_dot
   if not isinstance(y_dot, SymbolicZero):

@@ -36,6 +36,31 @@ def _log_p_over_one_minus_p(l: jax.Array) -> jax.Array:
   return jnp.where(near_one, series, direct)
 
 
+def _log_softmax_parts(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """``(shifted, log_normalizer)`` with ``log softmax(x) = shifted - log_normalizer``.
+
+  ``shifted = x - max(x)`` as in any stable log-softmax, except in a row whose
+  maximum is infinite: there the logits equal to it get 0 instead of
+  ``inf - inf``, so that the +inf logits share the probability (a +inf target
+  has loss 0, a finite one +inf) and a row of -inf logits is uniform.
+  """
+  top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+  shifted = _shift(x, top)
+  return shifted, jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
+
+
+@jax.custom_jvp
+def _shift(x: jax.Array, top: jax.Array) -> jax.Array:
+  return jnp.where((x == top) & jnp.isinf(top), 0, x - top)
+
+
+@_shift.defjvp
+def _shift_jvp(primals, tangents):
+  # d(x - top)/dx = 1 also where the value is pinned to 0, so an infinite logit
+  # keeps the limit of its gradient; top is a constant (stop_gradient).
+  return _shift(*primals), tangents[0]
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def focal_term(l: jax.Array, gamma: float) -> jax.Array:
   """``(1 - exp(l))**gamma * (-l)`` elementwise, for log-probabilities l <= 0."""
@@ -52,7 +77,10 @@ def _focal_term_jvp(gamma, primals, tangents):
   weight = _math.modulating_factor(-jnp.expm1(l), gamma)
   slope = -1.0
   if gamma:
-    slope = gamma * jnp.exp(l) * _log_p_over_one_minus_p(l) - 1
+    # p * l / (1 - p) -> 0 as l -> -inf (p = 0); the guard keeps 0 * inf out.
+    finite = l > -jnp.inf
+    safe_l = jnp.where(finite, l, -1)
+    slope = jnp.where(finite, gamma * jnp.exp(safe_l) * _log_p_over_one_minus_p(safe_l), 0) - 1
   return value, weight * slope * l_dot
 
 
@@ -88,7 +116,8 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
   def per_class(terms: jax.Array, targets: jax.Array) -> jax.Array:
     if alpha is not None:
       targets = targets * jnp.expand_dims(alpha, tuple(range(1, x.ndim - axis)))
-    return jnp.sum(targets * terms, axis=axis)
+    # A class without target mass adds 0, even where its term is +inf (p = 0).
+    return jnp.sum(jnp.where(targets == 0, 0, targets * terms), axis=axis)
 
   if jnp.issubdtype(labels.dtype, jnp.integer):
     _validation.check_class_id_shape(labels, shape, "logits.shape without the class axis")
@@ -103,14 +132,14 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
       invalid = invalid & mask
     class_ids = jnp.where(in_range, labels, 0)
     positives = in_range if mask is None else in_range & mask
-    log_normalizer = jax.nn.logsumexp(x, axis=axis, keepdims=True)
-    target_logit = jnp.take_along_axis(x, jnp.expand_dims(class_ids, axis), axis=axis)
+    shifted, log_normalizer = _log_softmax_parts(x, axis)
+    target_logit = jnp.take_along_axis(shifted, jnp.expand_dims(class_ids, axis), axis=axis)
     loss = focal_term(jnp.squeeze(target_logit - log_normalizer, axis), gamma)
     if alpha is not None:
       loss = loss * alpha[class_ids]
     if label_smoothing:
       # (1 - eps) one_hot + eps / C, expanded so that the one-hot never exists.
-      uniform = per_class(focal_term(x - log_normalizer, gamma), jnp.ones((), dtype))
+      uniform = per_class(focal_term(shifted - log_normalizer, gamma), jnp.ones((), dtype))
       loss = (1 - label_smoothing) * loss + label_smoothing / num_classes * uniform
     loss = _common.invalid_to_nan(loss, invalid)
   else:
@@ -122,7 +151,8 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
       targets = jnp.where(expanded, targets, 0)
     positives = jnp.sum(targets, axis=axis) > 0
     targets = _common.smooth(targets, label_smoothing, num_classes)
-    loss = per_class(focal_term(jax.nn.log_softmax(x, axis=axis), gamma), targets)
+    shifted, log_normalizer = _log_softmax_parts(x, axis)
+    loss = per_class(focal_term(shifted - log_normalizer, gamma), targets)
   return _common.reduce_loss(
       loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
       positives=lambda: jnp.sum(positives), out_dtype=logits.dtype)
