@@ -5,6 +5,7 @@ Pure, jittable functions with optax-style signatures ``loss(logits, labels,
 """
 
 from jfocal._alpha import alpha_from_counts, background_alpha, prior_bias_init
+from jfocal._checked import checked
 from jfocal._sigmoid import sigmoid_balanced_cross_entropy, sigmoid_cross_entropy, sigmoid_focal_loss
 from jfocal._softmax import softmax_balanced_cross_entropy, softmax_cross_entropy, softmax_focal_loss
 
@@ -13,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "alpha_from_counts",
     "background_alpha",
+    "checked",
     "prior_bias_init",
     "sigmoid_balanced_cross_entropy",
     "sigmoid_cross_entropy",

@@ -9,7 +9,7 @@ import jax
 import pytest
 
 import jfocal
-from jfocal import _alpha, _sigmoid, _softmax
+from jfocal import _alpha, _checked, _sigmoid, _softmax
 
 LOSSES = [name for name in jfocal.__all__ if "entropy" in name or "focal" in name]
 
@@ -33,7 +33,7 @@ def test_loss_signature_is_logits_labels_then_keyword_only(name):
   assert inspect.signature(getattr(jfocal, name)).parameters["reduction"].default == "none"
 
 
-@pytest.mark.parametrize("module", [_alpha, _sigmoid, _softmax], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [_alpha, _checked, _sigmoid, _softmax], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
   # Examples are written for JAX's defaults (float32), not the suite's x64 mode.
   with jax.enable_x64(False):

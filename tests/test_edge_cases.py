@@ -1,0 +1,144 @@
+"""Defined answers at the edges of the domain: empty, masked, infinite, NaN, odd dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jfocal
+from test_common import LOSSES, NUM_CLASSES, loss  # noqa: F401  (fixture)
+
+INF = np.inf
+
+
+def _labels(family, batch_shape):
+  return jnp.zeros(batch_shape, jnp.int32) + (NUM_CLASSES if family == "sigmoid" else 1)
+
+
+@pytest.mark.parametrize("batch_shape", [(0,), (2, 0)])
+def test_empty_inputs(loss, batch_shape, transform):
+  fn, family = loss
+  logits = jnp.zeros(batch_shape + (NUM_CLASSES,), jnp.float32)
+  labels = _labels(family, batch_shape)
+  unreduced = transform(lambda x: fn(x, labels))(logits)
+  assert unreduced.shape == (logits.shape if family == "sigmoid" else batch_shape)
+  for reduction in ("sum", "mean"):
+    value = transform(lambda x: fn(x, labels, reduction=reduction))(logits)
+    assert float(value) == 0.0
+  grad = jax.grad(lambda x: fn(x, labels, reduction="mean"))(logits)
+  assert grad.shape == logits.shape and grad.dtype == logits.dtype
+
+
+def test_all_ignored_mean_is_zero(loss, transform):
+  fn, family = loss
+  logits = jnp.ones((4, NUM_CLASSES), jnp.float32)
+  labels = jnp.full((4,), -1)
+  value = transform(lambda x: fn(x, labels, ignore_index=-1, reduction="mean"))(logits)
+  assert float(value) == 0.0
+  assert np.all(np.asarray(jax.grad(lambda x: fn(x, labels, ignore_index=-1,
+                                                  reduction="mean"))(logits)) == 0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_sigmoid_infinite_logits_give_the_limits(gamma, transform):
+  x = jnp.array([INF, -INF, INF, -INF, INF], jnp.float32)
+  y = jnp.array([1.0, 0.0, 0.0, 1.0, 0.3], jnp.float32)
+  fn = transform(lambda x: jfocal.sigmoid_focal_loss(x, y, gamma=gamma))
+  np.testing.assert_array_equal(fn(x), [0.0, 0.0, INF, INF, INF])
+  grad = jax.grad(lambda x: jnp.sum(fn(x)))(x)
+  # d/dx -> alpha_t * (sigma(x) - y) * (1 - p_t)**gamma, the limits of the finite formula.
+  y_soft = 0.3
+  soft = (0.25 * y_soft + 0.75 * (1 - y_soft)) * (1 - y_soft) * (1 - y_soft) ** gamma
+  np.testing.assert_allclose(grad, [0.0, 0.0, 0.75, -0.25, soft], rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_softmax_infinite_logits_give_the_limits(gamma, transform):
+  x = jnp.array([[INF, 0.0, 1.0],     # target is the only +inf: certain and right
+                 [0.0, INF, 1.0],     # another class is +inf: certain and wrong
+                 [-INF, 0.0, 1.0],    # target impossible
+                 [0.0, -INF, -INF],   # the others impossible
+                 [-INF, -INF, -INF]], jnp.float32)  # no information: uniform
+  ids = jnp.array([0, 0, 0, 0, 1])
+  fn = transform(lambda x: jfocal.softmax_focal_loss(x, ids, gamma=gamma))
+  uniform = (2 / 3) ** gamma * np.log(3)
+  np.testing.assert_allclose(fn(x), [0.0, INF, INF, 0.0, uniform], rtol=1e-6)
+  grad = jax.grad(lambda x: jnp.sum(fn(x)))(x)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_allclose(grad[1], [-1.0, 1.0, 0.0])  # d(x_k - x_t): as for a huge finite gap
+
+
+@pytest.mark.parametrize("family", ["sigmoid", "softmax"])
+def test_nan_logits_poison_only_their_own_entry(family):
+  logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 3)), jnp.float32)
+  logits = logits.at[2, 1].set(jnp.nan)
+  if family == "sigmoid":
+    fn = lambda x: jfocal.sigmoid_focal_loss(x, jnp.array([0, 1, 2, 3]))
+    bad = np.zeros((4, 3), bool)
+    bad[2, 1] = True
+  else:
+    fn = lambda x: jfocal.softmax_focal_loss(x, jnp.array([0, 1, 2, 0]))
+    bad = np.array([False, False, True, False])
+  assert np.array_equal(np.isnan(fn(logits)), bad)
+  grad = jax.grad(lambda x: jnp.sum(jnp.where(jnp.asarray(bad), 0, fn(x))))(logits)
+  rows = np.arange(4) != 2
+  assert np.all(np.isfinite(grad[rows]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32,
+                                   jnp.uint32, jnp.int64])
+def test_integer_labels_of_every_integer_dtype(loss, dtype):
+  fn, family = loss
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, NUM_CLASSES)), jnp.float32)
+  ids = np.array([0, 1, 2, 1, 0])
+  expected = fn(logits, jnp.asarray(ids, jnp.int32))
+  np.testing.assert_array_equal(fn(logits, jnp.asarray(ids).astype(dtype)), expected)
+
+
+def test_many_classes_with_narrow_label_dtypes():
+  logits = jnp.zeros((2, 300), jnp.float32)
+  ids = jnp.array([250, 100], jnp.uint8)
+  np.testing.assert_array_equal(jfocal.softmax_cross_entropy(logits, ids),
+                                jfocal.softmax_cross_entropy(logits, ids.astype(jnp.int32)))
+  # 300 (background) does not fit uint8: such ids cannot be expressed, 255 is a class.
+  assert np.all(np.isfinite(jfocal.sigmoid_focal_loss(logits, jnp.array([255], jnp.uint8)
+                                                       .repeat(2))))
+
+
+def test_weakly_typed_python_scalars_compute_in_float32():
+  with jax.enable_x64(False):
+    value = jfocal.sigmoid_focal_loss(2.0, 1.0)
+    assert value.dtype == jnp.float32 and value.shape == ()
+
+
+def test_results_are_bitwise_reproducible_and_jit_is_within_one_ulp_of_eager(loss):
+  fn, family = loss
+  logits = jnp.asarray(np.random.default_rng(2).normal(size=(64, NUM_CLASSES)) * 5, jnp.float32)
+  labels = jnp.asarray(np.random.default_rng(3).integers(0, NUM_CLASSES, size=64))
+  jitted = jax.jit(lambda x: fn(x, labels))
+  first, second = jitted(logits), jitted(logits)
+  np.testing.assert_array_equal(first, second)
+  np.testing.assert_array_max_ulp(np.asarray(first), np.asarray(fn(logits, labels)), maxulp=1)
+
+
+def test_traced_arguments_do_not_recompile_and_static_gamma_does():
+  traces = []
+
+  @jax.jit
+  def step(x, alpha, weights):
+    traces.append(1)
+    return jfocal.sigmoid_focal_loss(x, jnp.array([0, 1]), alpha=alpha, weights=weights,
+                                     reduction="sum")
+
+  x = jnp.zeros((2, 3), jnp.float32)
+  for alpha, scale in [(0.25, 1.0), (0.5, 2.0), (0.9, 0.5)]:
+    step(x, jnp.float32(alpha), jnp.full((2, 1), scale, jnp.float32))
+  assert len(traces) == 1, "changing alpha or weights must not retrace"
+
+  static = jax.jit(lambda x, gamma: jfocal.sigmoid_focal_loss(x, jnp.array([0, 1]), gamma=gamma),
+                   static_argnames="gamma")
+  before = static._cache_size()
+  static(x, gamma=2.0)
+  static(x, gamma=2.0)
+  static(x, gamma=0.5)
+  assert static._cache_size() - before == 2, "gamma is static: one compilation per value"

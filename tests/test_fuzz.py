@@ -1,0 +1,698 @@
+"""Fuzzing campaign: the promised semantics of all six losses over wide inputs.
+
+Every test draws the loss itself (one of the six public functions) together
+with its inputs: shapes with 0-sized axes, every float dtype, logits with
+subnormals, huge values, +-inf and NaN, integer class ids in and out of range
+in five integer dtypes (also class counts the dtype cannot hold), float and
+bool targets, masks, weights, alpha, gamma, label smoothing, ignore_index,
+reductions and normalisers. The properties are stated once, in the docstring of
+each test.
+
+Under the default "ci" profile of `conftest.py` each test runs 25
+derandomised examples. The "fuzz" profile registered below runs thousands of
+random ones (`make fuzz`). conftest.py loads `$HYPOTHESIS_PROFILE` before this
+module exists, so a profile registered here cannot be selected through that
+variable; `JFOCAL_FUZZ_PROFILE=fuzz` selects it instead.
+
+Compiled callables are cached per static configuration (`_jitted`), so
+examples that differ only in array values or in shapes already seen reuse
+them.
+"""
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jfocal
+from conftest import FLOAT_DTYPES
+
+settings.register_profile(
+    "fuzz", max_examples=2000, derandomize=False, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                           HealthCheck.function_scoped_fixture])
+if os.environ.get("JFOCAL_FUZZ_PROFILE"):
+  # Loaded before the tests below are decorated: @given reads the active profile then.
+  settings.load_profile(os.environ["JFOCAL_FUZZ_PROFILE"])
+
+# ---------------------------------------------------------------------------
+# The six losses.
+
+FAMILY = {
+    "sigmoid_cross_entropy": "sigmoid",
+    "sigmoid_balanced_cross_entropy": "sigmoid",
+    "sigmoid_focal_loss": "sigmoid",
+    "softmax_cross_entropy": "softmax",
+    "softmax_balanced_cross_entropy": "softmax",
+    "softmax_focal_loss": "softmax",
+}
+NAMES = tuple(FAMILY)
+SIGMOID_NAMES = tuple(name for name in NAMES if FAMILY[name] == "sigmoid")
+SOFTMAX_NAMES = tuple(name for name in NAMES if FAMILY[name] == "softmax")
+HAS_GAMMA = ("sigmoid_focal_loss", "softmax_focal_loss")
+# Default alpha when the keyword is not passed (None: the loss has no alpha).
+DEFAULT_ALPHA = {
+    "sigmoid_cross_entropy": None,
+    "sigmoid_balanced_cross_entropy": 0.25,
+    "sigmoid_focal_loss": 0.25,
+    "softmax_cross_entropy": None,
+    "softmax_balanced_cross_entropy": None,  # required
+    "softmax_focal_loss": None,
+}
+
+REDUCTIONS = ("none", "sum", "mean")
+INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8)
+FLOAT_LABEL_DTYPES = (np.float32, np.float64, jnp.bfloat16, np.float16)
+GAMMAS = (2.0, 0.0, 0.5, 1.0, 0.25, 1.5, 3.0, 4.7)
+SMOOTHINGS = (0.0, 0.1, 0.5, 1.0)
+IGNORE_INDICES = (-100, -1, 0, 1, 255, 1000)  # plus C, added per case
+BOUND = 1e4  # the README's "finite everywhere" range: |logit| <= 1e4
+
+
+class _Default:
+  def __repr__(self):
+    return "DEFAULT"
+
+
+DEFAULT = _Default()  # a keyword that is not passed at all
+
+# (shape, axis); sigmoid cases ignore the axis. Simple shapes first: hypothesis
+# shrinks towards the front of each list.
+SHAPES = {
+    "sigmoid": {
+        "nonempty": [((3,), -1), ((2, 3), -1), ((1,), -1), ((), -1), ((4, 1), -1),
+                     ((2, 2, 3), -1), ((2, 130), -1), ((1, 260), -1), ((1, 32768), -1)],
+        "empty": [((0, 3), -1), ((2, 0, 3), -1), ((3, 0), -1), ((0,), -1), ((0, 0), -1),
+                  ((2, 0), -1)],
+        "zero_classes": [],  # (3, 0) has an empty unreduced loss: it is in "empty"
+    },
+    "softmax": {
+        "nonempty": [((2, 3), -1), ((3,), -1), ((2, 3), 0), ((4, 1), -1), ((2, 3, 4), 1),
+                     ((2, 3, 4), -1), ((2, 130), -1), ((1, 260), -1)],
+        "empty": [((0, 3), -1), ((2, 0, 3), -1), ((3, 0), 0), ((2, 0, 3), 2), ((0, 1), -1)],
+        # A class axis of size 0 with examples: an unreduced loss that is not empty.
+        "zero_classes": [((3, 0), -1), ((2, 3, 0), -1)],
+    },
+}
+
+
+@dataclasses.dataclass(eq=False)
+class Case:
+  """One call: `getattr(jfocal, name)(logits, labels, where=..., weights=..., **options)`."""
+  name: str
+  logits: np.ndarray
+  labels: np.ndarray
+  where: Any = None
+  weights: Any = None
+  alpha: Any = DEFAULT           # DEFAULT, None, a Python float, or an array (traced)
+  normalizer: Any = None         # None, "num_positives", a Python number, or a 0-d array
+  reduction: str = "none"
+  options: tuple = ()            # static keywords: gamma, label_smoothing, ignore_index, axis
+
+  @property
+  def family(self):
+    return FAMILY[self.name]
+
+  @property
+  def axis(self):
+    return dict(self.options).get("axis", -1) % max(self.logits.ndim, 1)
+
+  @property
+  def num_classes(self):
+    return self.logits.shape[self.axis] if self.logits.ndim else None
+
+  @property
+  def out_shape(self):
+    if self.family == "sigmoid":
+      return self.logits.shape
+    shape = self.logits.shape
+    return shape[:self.axis] + shape[self.axis + 1:]
+
+  @property
+  def integer_labels(self):
+    return np.issubdtype(self.labels.dtype, np.integer)
+
+  def option(self, key, default):
+    return dict(self.options).get(key, default)
+
+
+# ---------------------------------------------------------------------------
+# Calling the losses: one compiled callable per static configuration.
+
+def _key(case, reduction):
+  normalizer = case.normalizer if reduction == "mean" else None
+  if isinstance(normalizer, np.ndarray):
+    normalizer = "<traced>"
+  if case.alpha is DEFAULT or case.alpha is None or isinstance(case.alpha, float):
+    alpha = case.alpha
+  else:
+    alpha = "<traced>"
+  return case.name, reduction, normalizer, alpha, case.options
+
+
+@functools.lru_cache(maxsize=None)
+def _loss_fn(name, reduction, normalizer, alpha, options):
+  fn = getattr(jfocal, name)
+
+  def loss(logits, labels, where, weights, alpha_array, normalizer_array):
+    kwargs = dict(options)
+    if alpha == "<traced>":
+      kwargs["alpha"] = alpha_array
+    elif alpha is not DEFAULT:
+      kwargs["alpha"] = alpha
+    if normalizer == "<traced>":
+      kwargs["normalizer"] = normalizer_array
+    elif normalizer is not None:
+      kwargs["normalizer"] = normalizer
+    return fn(logits, labels, where=where, weights=weights, reduction=reduction, **kwargs)
+
+  return loss
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(*key):
+  return jax.jit(_loss_fn(*key))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_grad(*key):
+  return jax.jit(jax.grad(_loss_fn(*key)))
+
+
+def _args(case, reduction):
+  alpha = case.alpha if isinstance(case.alpha, np.ndarray) else None
+  normalizer = None
+  if reduction == "mean" and isinstance(case.normalizer, np.ndarray):
+    normalizer = case.normalizer
+  return case.logits, case.labels, case.where, case.weights, alpha, normalizer
+
+
+def loss(case, reduction=None, *, jit=True):
+  """The loss of `case` (with its own reduction unless given), compiled or eager."""
+  reduction = case.reduction if reduction is None else reduction
+  key = _key(case, reduction)
+  fn = _jitted(*key) if jit else _loss_fn(*key)
+  return fn(*_args(case, reduction))
+
+
+def grad_of_sum(case):
+  """The gradient of the "sum" reduction with respect to the logits."""
+  return _jitted_grad(*_key(case, "sum"))(*_args(case, "sum"))
+
+
+def host(array):
+  """A result as a float64 NumPy array (bfloat16 included)."""
+  return np.asarray(jnp.asarray(array).astype(jnp.float64))
+
+
+def compute_dtype(dtype):
+  return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+# ---------------------------------------------------------------------------
+# Strategies.
+
+def _specials(dtype, *, finite, bound=math.inf):
+  info = jnp.finfo(dtype)
+  values = [0.0, -0.0, 1.0, -1.0, 0.5, -2.0, 30.0, -30.0, 88.0, -104.0, 1e4, -1e4,
+            float(info.eps), float(info.tiny), -float(info.tiny),
+            float(info.smallest_subnormal), -float(info.smallest_subnormal),
+            float(info.max), -float(info.max), float(info.max) / 2]
+  values = [v for v in values if abs(v) <= bound]
+  if not finite:
+    values += [math.inf, -math.inf, math.nan]
+  return values
+
+
+def logit_arrays(dtype, shape, kind, bound=None):
+  """`kind`: "wide" (anything, NaN and +-inf included), "finite" (|x| <= bound) or "inf"."""
+  if kind == "wide":
+    elements = st.one_of(st.sampled_from(_specials(dtype, finite=False)), st.floats(-30, 30),
+                         st.floats(allow_nan=True, allow_infinity=True))
+  elif kind == "finite":
+    elements = st.one_of(st.sampled_from(_specials(dtype, finite=True, bound=bound)),
+                         st.floats(-30, 30), st.floats(-bound, bound))
+  elif kind == "inf":
+    elements = st.one_of(st.sampled_from([math.inf, -math.inf]),
+                         st.sampled_from([0.0, 1.0, -1.0, 30.0, -30.0]), st.floats(-30, 30))
+  else:
+    raise ValueError(kind)
+  return hnp.arrays(np.float64, shape, elements=elements).map(
+      lambda array: np.asarray(array).astype(dtype))
+
+
+@st.composite
+def broadcast_shapes(draw, shape):
+  """`shape` with some axes set to 1 and some leading axes dropped."""
+  keep = draw(st.lists(st.booleans(), min_size=len(shape), max_size=len(shape)))
+  reduced = tuple(d if k else 1 for d, k in zip(shape, keep))
+  return reduced[draw(st.integers(0, len(reduced))):]
+
+
+def _representable(value, dtype):
+  info = np.iinfo(dtype)
+  return info.min <= value <= info.max
+
+
+@st.composite
+def label_arrays(draw, family, shape, axis, num_classes, *, kind, ignore_index, dtype):
+  """Labels of `dtype`; integer ids are valid and invalid unless `kind == "valid"`."""
+  if np.issubdtype(dtype, np.integer):
+    if family == "sigmoid":
+      label_shape, top = shape[:-1], num_classes          # id C is background
+    else:
+      label_shape, top = shape[:axis] + shape[axis + 1:], num_classes - 1
+    info = np.iinfo(dtype)
+    choices = []
+    if top >= 0:
+      choices.append(st.integers(0, min(top, info.max)))
+    extra = [] if ignore_index is None or not _representable(ignore_index, dtype) else [
+        ignore_index]
+    if kind == "any":
+      extra += [v for v in (-1, -2, -100, num_classes, num_classes + 1, num_classes + 1000,
+                            int(info.min), int(info.max))
+                if _representable(v, dtype) and not 0 <= v <= top]
+    if extra:
+      choices.append(st.sampled_from(sorted(set(extra))))
+    return draw(hnp.arrays(dtype, label_shape, elements=st.one_of(*choices)))
+  if dtype == np.bool_:
+    return draw(hnp.arrays(np.bool_, shape))
+  values = draw(hnp.arrays(np.float64, shape, elements=st.one_of(
+      st.sampled_from([0.0, 1.0, 0.5]), st.floats(0.0, 1.0))))
+  return np.asarray(values).astype(dtype)
+
+
+def _alpha_values(shape):
+  return st.sampled_from([np.float32, np.float64]).flatmap(lambda dtype: hnp.arrays(
+      dtype, shape, elements=st.one_of(st.sampled_from([0.0, 1.0, 0.25, 0.5]),
+                                       st.floats(0.0, 1.0, width=32))))
+
+
+@st.composite
+def alphas(draw, name, num_classes):
+  family = FAMILY[name]
+  if name in ("sigmoid_cross_entropy", "softmax_cross_entropy"):
+    return DEFAULT
+  if family == "softmax":
+    vector = _alpha_values((num_classes,))
+    if name == "softmax_balanced_cross_entropy":
+      return draw(vector)
+    return draw(st.one_of(st.just(DEFAULT), st.just(None), vector))
+  options = [st.just(DEFAULT), st.just(None),
+             st.sampled_from([0.0, 1.0, 0.25]) | st.floats(0.0, 1.0, width=32),
+             _alpha_values(())]
+  if num_classes is not None:
+    options.append(_alpha_values((num_classes,)))
+  return draw(st.one_of(*options))
+
+
+@st.composite
+def normalizers(draw):
+  return draw(st.one_of(
+      st.just(None), st.just("num_positives"), st.sampled_from([1, 0.5, 7.0]),
+      st.tuples(st.sampled_from([np.float32, np.float64, np.int32]), st.sampled_from([1, 3]))
+      .map(lambda pair: np.asarray(pair[1], pair[0]))))
+
+
+@st.composite
+def cases(draw, *, names=NAMES, shapes=("nonempty",), logits="wide", labels="any",
+          dtypes=FLOAT_DTYPES, masks=True, weights=True, reductions=REDUCTIONS,
+          ignore=True, smoothing=True, label_dtypes=None):
+  """A `Case`; the keywords choose how wide each part is drawn."""
+  name = draw(st.sampled_from(names))
+  family = FAMILY[name]
+  dtype = draw(st.sampled_from(dtypes))
+  shape_pool = [entry for group in shapes for entry in SHAPES[family][group]]
+  shape, axis = draw(st.sampled_from(shape_pool))
+  options = {}
+  if family == "softmax" and axis != -1:
+    options["axis"] = axis
+  axis = axis % max(len(shape), 1)
+  num_classes = shape[axis] if shape else None
+
+  if label_dtypes is None:
+    label_dtypes = []
+    integer_possible = bool(shape) and not (
+        family == "softmax" and labels == "valid" and num_classes == 0)
+    if integer_possible:
+      label_dtypes += list(INT_DTYPES)
+    label_dtypes += list(FLOAT_LABEL_DTYPES) + [np.bool_]
+  label_dtype = draw(st.sampled_from(label_dtypes))
+  integer = np.issubdtype(label_dtype, np.integer)
+
+  ignore_index = None
+  if ignore and integer:
+    ignore_index = draw(st.one_of(st.none(), st.sampled_from(IGNORE_INDICES + (num_classes,))))
+  if ignore_index is not None:
+    options["ignore_index"] = ignore_index
+
+  bound = None
+  if logits == "finite":
+    bound = draw(st.sampled_from([BOUND, float(jnp.finfo(dtype).max)]))
+  logit_values = draw(logit_arrays(dtype, shape, logits, bound))
+  label_values = draw(label_arrays(family, shape, axis, num_classes, kind=labels,
+                                   ignore_index=ignore_index, dtype=label_dtype))
+  if name in HAS_GAMMA:
+    options["gamma"] = draw(st.sampled_from(GAMMAS))
+  if smoothing:
+    eps = draw(st.sampled_from(SMOOTHINGS))
+    if eps:
+      options["label_smoothing"] = eps
+
+  out_shape = shape if family == "sigmoid" else shape[:axis] + shape[axis + 1:]
+  where = weight_values = None
+  if masks and draw(st.booleans()):
+    where = draw(hnp.arrays(np.bool_, draw(broadcast_shapes(out_shape))))
+  if weights and draw(st.booleans()):
+    weight_dtype = draw(st.sampled_from([np.float32, np.float64, np.int32]))
+    elements = (st.integers(0, 3) if weight_dtype == np.int32 else
+                st.one_of(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0]), st.floats(0.0, 3.0)))
+    weight_values = draw(hnp.arrays(weight_dtype, draw(broadcast_shapes(out_shape)),
+                                    elements=elements))
+  reduction = draw(st.sampled_from(reductions))
+  normalizer = draw(normalizers()) if reduction == "mean" else None
+  return Case(name=name, logits=logit_values, labels=label_values, where=where,
+              weights=weight_values, alpha=draw(alphas(name, num_classes)),
+              normalizer=normalizer, reduction=reduction,
+              options=tuple(sorted(options.items())))
+
+
+# ---------------------------------------------------------------------------
+# What each entry of the unreduced loss depends on, computed on the host.
+
+def _labels_int64(case):
+  return np.asarray(case.labels).astype(np.int64)
+
+
+def active_entries(case):
+  """True where the unreduced loss is neither masked by `where` nor ignored."""
+  active = np.ones(case.out_shape, bool)
+  if case.where is not None:
+    active &= np.broadcast_to(case.where, case.out_shape)
+  ignore_index = case.option("ignore_index", None)
+  if case.integer_labels and ignore_index is not None:
+    ignored = _labels_int64(case) == ignore_index
+    if case.family == "sigmoid":
+      ignored = ignored[..., None]
+    active &= np.broadcast_to(~ignored, case.out_shape)
+  return active
+
+
+def invalid_labels(case):
+  """True where an integer label is out of range and not ignore_index (per loss entry)."""
+  if not case.integer_labels:
+    return np.zeros(case.out_shape, bool)
+  ids, c = _labels_int64(case), case.num_classes
+  top = c if case.family == "sigmoid" else c - 1
+  invalid = (ids < 0) | (ids > top)
+  ignore_index = case.option("ignore_index", None)
+  if ignore_index is not None:
+    invalid &= ids != ignore_index
+  if case.family == "sigmoid":
+    invalid = np.broadcast_to(invalid[..., None], case.out_shape)
+  return invalid
+
+
+def logit_rows(case):
+  """float64 logits with the class axis last (softmax) or as they are (sigmoid)."""
+  x = host(case.logits)
+  return x if case.family == "sigmoid" else np.moveaxis(x, case.axis, -1)
+
+
+def _first(mask):
+  return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _describe(case, index, out):
+  x = logit_rows(case)
+  detail = f"loss[{index}] = {out[index]!r}; logits there: {x[index]!r}"
+  if case.integer_labels:
+    label_index = index[:-1] if case.family == "sigmoid" else index
+    detail += f"; label {case.labels[label_index]!r}"
+  else:
+    detail += (f"; target {host(case.labels)[index]!r}" if case.family == "sigmoid" else
+               f"; targets {np.moveaxis(host(case.labels), case.axis, -1)[index]!r}")
+  return detail
+
+
+def assert_output_type(case, out, reduction):
+  out = jnp.asarray(out)
+  if reduction == "none":
+    assert out.shape == case.out_shape, f"unreduced shape {out.shape} != {case.out_shape}"
+    assert out.dtype == case.logits.dtype, f"unreduced dtype {out.dtype} != {case.logits.dtype}"
+  else:
+    assert out.shape == (), f"{reduction} has shape {out.shape}"
+    expected = compute_dtype(case.logits.dtype)
+    assert out.dtype == expected, f"{reduction} dtype {out.dtype} != {np.dtype(expected)}"
+
+
+def assert_grad_type(case, grad):
+  assert grad.shape == case.logits.shape, f"gradient shape {grad.shape} != {case.logits.shape}"
+  assert grad.dtype == case.logits.dtype, f"gradient dtype {grad.dtype} != {case.logits.dtype}"
+
+
+# ---------------------------------------------------------------------------
+# 1 and 2: never raises; shapes and dtypes.
+
+@given(case=cases(shapes=("nonempty", "empty", "zero_classes")))
+def test_never_raises_and_returns_the_promised_shape_and_dtype(case):
+  """Well-typed, well-shaped inputs never raise, whatever their values; the unreduced
+  loss has the unreduced shape and the logits' dtype, reductions are float32 scalars
+  (float64 for float64 logits)."""
+  out = loss(case)
+  assert_output_type(case, out, case.reduction)
+
+
+# ---------------------------------------------------------------------------
+# 3: NaN stays where its cause is.
+
+@given(case=cases(reductions=("none",)))
+def test_nan_only_where_the_entry_own_inputs_are_bad(case):
+  """With reduction="none": masked or ignored entries are exactly 0 (whatever their
+  logits); an out-of-range id makes its entry NaN (a sigmoid id outside [0, C]: the whole
+  anchor row); an entry is NaN only if its own logits (sigmoid: the element, softmax:
+  the row) hold NaN, its id is out of range, or (softmax) its row has no finite maximum
+  (a +inf, or all -inf); finite logits (|x| <= 1e4, where every loss is representable)
+  with a valid label give a finite loss."""
+  out = host(loss(case))
+  assert out.shape == case.out_shape
+  active, invalid = active_entries(case), invalid_labels(case)
+  x = logit_rows(case)
+  if case.family == "sigmoid":
+    nan_logits, bounded = np.isnan(x), np.isfinite(x) & (np.abs(x) <= BOUND)
+    no_finite_max = np.zeros(case.out_shape, bool)
+  else:
+    nan_logits = np.isnan(x).any(-1)
+    bounded = (np.isfinite(x) & (np.abs(x) <= BOUND)).all(-1)
+    no_finite_max = np.isposinf(x).any(-1) | ((x.shape[-1] > 0) & np.isneginf(x).all(-1))
+
+  bad = ~active & (out != 0)
+  assert not bad.any(), "masked entry is not 0: " + _describe(case, _first(bad), out)
+  bad = active & invalid & ~np.isnan(out)
+  assert not bad.any(), "out-of-range id without NaN: " + _describe(case, _first(bad), out)
+  bad = active & np.isnan(out) & ~(nan_logits | invalid | no_finite_max)
+  assert not bad.any(), "NaN without a NaN logit or a bad id: " + _describe(
+      case, _first(bad), out)
+  bad = active & bounded & ~invalid & ~np.isfinite(out)
+  assert not bad.any(), "finite inputs, loss not finite: " + _describe(case, _first(bad), out)
+
+
+# ---------------------------------------------------------------------------
+# 4: finite inputs, finite loss and gradient.
+
+@given(case=cases(logits="finite", labels="valid", reductions=("none",)))
+def test_finite_inputs_give_finite_loss_and_gradient(case):
+  """Finite logits and valid labels: the gradient of the "sum" reduction is finite, of
+  the logits' shape and dtype, for every finite logit; the loss (unreduced and summed)
+  is finite wherever |logits| <= 1e4 (beyond that a true loss may exceed the dtype's
+  largest number, e.g. float16 at 65504)."""
+  grad = grad_of_sum(case)
+  assert_grad_type(case, grad)
+  g = host(grad)
+  assert np.isfinite(g).all(), f"gradient not finite at {_first(~np.isfinite(g))}: {g}"
+  if np.all(np.abs(host(case.logits)) <= BOUND):
+    out = host(loss(case, "none"))
+    bad = ~np.isfinite(out)
+    assert not bad.any(), "loss not finite: " + _describe(case, _first(bad), out)
+    total = host(loss(case, "sum"))
+    assert np.isfinite(total), f"sum {total} not finite"
+
+
+# ---------------------------------------------------------------------------
+# 5: empty inputs.
+
+@given(case=cases(shapes=("empty",), reductions=("mean",)))
+def test_empty_inputs(case):
+  """A 0-sized axis: the unreduced loss keeps it, sum and mean (any normaliser) are 0,
+  never NaN, and the gradient is empty with the logits' shape and dtype."""
+  unreduced = loss(case, "none")
+  assert_output_type(case, unreduced, "none")
+  assert 0 in unreduced.shape
+  for reduction in ("sum", "mean"):
+    value = loss(case, reduction)
+    assert_output_type(case, value, reduction)
+    assert host(value) == 0, f"{reduction} of an empty loss is {value}"
+  assert_grad_type(case, grad_of_sum(case))
+
+
+# ---------------------------------------------------------------------------
+# 6: everything masked.
+
+@st.composite
+def all_masked_cases(draw):
+  case = draw(cases(masks=False, ignore=False, reductions=("mean",)))
+  modes = ["where"] + (["ignore", "mixed"] if case.integer_labels else [])
+  mode = draw(st.sampled_from(modes))
+  options = dict(case.options)
+  if mode == "where":
+    where = np.zeros(draw(broadcast_shapes(case.out_shape)), bool)
+    return dataclasses.replace(case, where=where)
+  dtype = case.labels.dtype
+  ignore_index = draw(st.sampled_from(
+      [v for v in IGNORE_INDICES + (case.num_classes,) if _representable(v, dtype)]))
+  options["ignore_index"] = ignore_index
+  labels = np.asarray(case.labels)
+  if mode == "ignore":
+    labels, where = np.full_like(labels, ignore_index), None
+  else:
+    ignored = draw(hnp.arrays(np.bool_, labels.shape))
+    labels = np.where(ignored, np.asarray(ignore_index, dtype), labels)
+    where = ~ignored[..., None] if case.family == "sigmoid" else ~ignored
+  return dataclasses.replace(case, labels=labels, where=where,
+                             options=tuple(sorted(options.items())))
+
+
+@given(case=all_masked_cases())
+def test_all_masked_or_ignored(case):
+  """Every entry masked by `where`, ignored, or a mix of the two (logits and labels may be
+  anything): the unreduced loss is all 0, sum and mean (any normaliser) are 0 and not
+  NaN, and the gradient is all zeros."""
+  assert not active_entries(case).any()
+  unreduced = host(loss(case, "none"))
+  assert (unreduced == 0).all(), f"unreduced loss {unreduced}"
+  for reduction in ("sum", "mean"):
+    value = host(loss(case, reduction))
+    assert value == 0, f"{reduction} = {value}"
+  g = host(grad_of_sum(case))
+  assert (g == 0).all(), f"gradient not all zero at {_first(g != 0)}: {g}"
+
+
+# ---------------------------------------------------------------------------
+# 7: determinism, jit against eager.
+
+def _bits(array):
+  return np.asarray(array).tobytes()
+
+
+@given(case=cases())
+def test_jit_is_bitwise_deterministic(case):
+  """The same compiled function called twice gives bitwise-identical results."""
+  first, second = loss(case), loss(case)
+  assert _bits(first) == _bits(second), f"{first} != {second}"
+
+
+@given(case=cases(dtypes=(jnp.float32,)))
+def test_jit_and_eager_agree_within_one_ulp_in_float32(case):
+  """Eager and jit agree: NaN in the same places, everything else within 1 ulp."""
+  jitted = np.asarray(loss(case))
+  eager = np.asarray(loss(case, jit=False))
+  assert jitted.dtype == eager.dtype == np.float32
+  np.testing.assert_array_equal(np.isnan(jitted), np.isnan(eager), err_msg="NaN positions")
+  keep = ~np.isnan(jitted)
+  np.testing.assert_array_max_ulp(jitted[keep], eager[keep], maxulp=1)
+
+
+# ---------------------------------------------------------------------------
+# 8: +-inf logits.
+
+def _sigmoid_targets(case):
+  """float64 targets y of every element, before smoothing."""
+  if case.integer_labels:
+    return (_labels_int64(case)[..., None] == np.arange(case.num_classes)).astype(np.float64)
+  return host(case.labels)
+
+
+def _alpha_array(case):
+  """alpha as the loss sees it, or None for no weighting."""
+  alpha = DEFAULT_ALPHA[case.name] if case.alpha is DEFAULT else case.alpha
+  return None if alpha is None else np.asarray(alpha, np.float64)
+
+
+@given(case=cases(names=SIGMOID_NAMES, logits="inf", labels="valid", masks=False,
+                  weights=False, ignore=False, reductions=("none",)))
+def test_infinite_logits_sigmoid(case):
+  """+-inf logits with valid labels give the limit of the loss: 0 where the prediction is
+  certain and right (y' = 1 at +inf, y' = 0 at -inf, y' the smoothed target) or the
+  weight alpha_t is 0, +inf otherwise (wrong side, soft target); never NaN; finite logits
+  give finite losses; the gradient of the sum is finite everywhere."""
+  out = host(loss(case))
+  x = host(case.logits)
+  dtype = compute_dtype(case.logits.dtype)
+  eps = case.option("label_smoothing", 0.0)
+  y = (_sigmoid_targets(case).astype(dtype) * dtype(1 - eps) + dtype(eps / 2)).astype(dtype)
+  y = np.broadcast_to(y, x.shape)
+  alpha = _alpha_array(case)
+  alpha_t = np.ones(x.shape, dtype) if alpha is None else (
+      alpha.astype(dtype) * y + (1 - alpha.astype(dtype)) * (1 - y))
+  certain_and_right = ((x == math.inf) & (y == 1)) | ((x == -math.inf) & (y == 0))
+  expected = np.where(certain_and_right | (alpha_t == 0), 0.0, math.inf)
+
+  bad = np.isnan(out)
+  assert not bad.any(), "NaN: " + _describe(case, _first(bad), out)
+  infinite = np.isinf(x)
+  bad = np.isfinite(x) & ~np.isfinite(out)
+  assert not bad.any(), "finite logit, loss not finite: " + _describe(case, _first(bad), out)
+  bad = infinite & (out != expected)
+  assert not bad.any(), (f"expected {expected[_first(bad)]}: "
+                         + _describe(case, _first(bad), out))
+  g = host(grad_of_sum(case))
+  assert np.isfinite(g).all(), (f"gradient {g[_first(~np.isfinite(g))]} at "
+                                + _describe(case, _first(~np.isfinite(g)), out))
+
+
+@given(case=cases(names=SOFTMAX_NAMES, logits="inf", labels="valid", masks=False,
+                  weights=False, ignore=False, reductions=("none",)))
+def test_infinite_logits_softmax(case):
+  """+-inf logits with valid labels, rows with one +inf at most and not all -inf: the
+  limit of the loss. Class c with target weight w_c = alpha_c y'_c > 0 (y' the smoothed
+  targets) adds +inf if p_c -> 0 (a -inf logit, or a finite one beside a +inf) and 0 if
+  p_c -> 1 (the sole +inf); so -inf non-target logits leave the loss finite, a sole +inf
+  target gives 0, a finite target beside a +inf or a -inf target gives +inf. Never NaN;
+  the gradient of the sum is finite on those rows."""
+  out = host(loss(case))
+  x = logit_rows(case)
+  c = x.shape[-1]
+  eps = case.option("label_smoothing", 0.0)
+  if case.integer_labels:
+    y = (_labels_int64(case)[..., None] == np.arange(c)).astype(np.float64)
+  else:
+    y = np.moveaxis(host(case.labels), case.axis, -1)
+  y = (1 - eps) * y + eps / c
+  alpha = _alpha_array(case)
+  w = y if alpha is None else y * alpha
+  positive = np.isposinf(x)
+  sole_positive = positive.sum(-1) == 1
+  defined = (positive.sum(-1) <= 1) & ~np.isneginf(x).all(-1)
+  p_zero = np.where(sole_positive[..., None], ~positive, np.isneginf(x))
+  infinite = ((w > 0) & p_zero).any(-1)
+  expected_zero = sole_positive & ~infinite
+
+  bad = defined & np.isnan(out)
+  assert not bad.any(), "NaN: " + _describe(case, _first(bad), out)
+  bad = defined & infinite & (out != math.inf)
+  assert not bad.any(), "expected +inf: " + _describe(case, _first(bad), out)
+  bad = defined & expected_zero & (out != 0)
+  assert not bad.any(), "expected 0: " + _describe(case, _first(bad), out)
+  bad = defined & ~infinite & ~np.isfinite(out)
+  assert not bad.any(), "expected a finite loss: " + _describe(case, _first(bad), out)
+  g = np.moveaxis(host(grad_of_sum(case)), case.axis, -1)
+  bad = defined & ~np.isfinite(g).all(-1)
+  assert not bad.any(), (f"gradient {g[_first(bad)]} not finite: "
+                         + _describe(case, _first(bad), out))
