@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Two workers: one per core of the CI machine.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test demo bench clean
+.PHONY: test fuzz demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The property tests of tests/test_fuzz.py with thousands of random examples each.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -n 2 -q
 
 demo: $(STAMP)
 	$(BIN)/python examples/imbalanced_digits.py

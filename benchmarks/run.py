@@ -10,6 +10,7 @@ from XLA's `memory_analysis()` of the compiled value-and-grad.
 
 Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softmax):
   sigmoid  jfocal.sigmoid_focal_loss | optax.sigmoid_focal_loss | naive (sigmoid, pow) | floor
+           (and jfocal.checked(...) to price the run-time checks)
   softmax  jfocal.softmax_focal_loss | optax CE with integer labels | naive (log_softmax,
            gather, pow) | floor
 The floor kernel reads the same inputs and writes one logits-shaped array with one
@@ -65,11 +66,15 @@ FAMILIES: dict[str, dict[str, Callable]] = {
                                                          reduction="sum"),
         "optax": lambda x, y: jnp.sum(optax.sigmoid_focal_loss(x, y, alpha=ALPHA, gamma=GAMMA)),
         "naive": _sigmoid_naive,
+        "jfocal checked": lambda x, y: jfocal.checked(jfocal.sigmoid_focal_loss)(
+            x, y, alpha=ALPHA, gamma=GAMMA, reduction="sum"),
     },
     "softmax": {
         "jfocal": lambda x, ids: jfocal.softmax_focal_loss(x, ids, gamma=GAMMA, reduction="sum"),
         "optax CE": lambda x, ids: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, ids)),
         "naive": _softmax_naive,
+        "jfocal checked": lambda x, ids: jfocal.checked(jfocal.softmax_focal_loss)(
+            x, ids, gamma=GAMMA, reduction="sum"),
     },
 }
 
@@ -185,6 +190,10 @@ def headline(rows: list[Row]) -> list[str]:
           f"{ours.median_s / floor.median_s:.2f}x the floor kernel (target <= 2.5), "
           f"XLA temp {ours.temp_over_input:.2f}x the logits bytes (target <= 1.0; optax "
           f"{peer.temp_over_input:.2f}x)")
+    checked = _lookup(rows, impl="jfocal checked", elements=_elements(rows, big, classes), **where)
+    if ours and checked:
+      lines.append(f"jfocal.checked costs {checked.median_s / ours.median_s:.2f}x the unchecked "
+                   f"sigmoid value-and-grad there")
   where = dict(family="softmax", dtype="float32", mode="value_and_grad")
   for classes in sorted({r.classes for r in rows if r.family == "softmax"}):
     elements = _elements(rows, big, classes, family="softmax")
@@ -208,7 +217,7 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
   out = [f"Measured on {machine}, {time.strftime('%Y-%m-%d')}.", ""]
   out += [f"- {line}" for line in lines] + [""]
   header = ("family", "dtype", "C", "elements", "mode", "jfocal ms", "peer", "peer / jfocal",
-            "naive / jfocal", "jfocal / floor", "jfocal temp / logits", "peer temp / logits",
+            "naive / jfocal", "jfocal / floor", "checked / jfocal", "jfocal temp / logits", "peer temp / logits",
             "jfocal compile s")
   out.append("| " + " | ".join(header) + " |")
   out.append("|" + "---|" * len(header))
@@ -221,11 +230,13 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
     peer = _lookup(rows, impl=peer_name, **key)
     naive = _lookup(rows, impl="naive", **key)
     floor = _lookup(rows, impl="floor", **key)
+    checked = _lookup(rows, impl="jfocal checked", **key)
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     out.append(
         f"| {r.family} | {r.dtype} | {r.classes} | {r.elements} | {r.mode} | "
         f"{r.median_s * 1e3:.3f} | {peer_name} | {peer.median_s / r.median_s:.2f} | "
         f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
+        f"{checked.median_s / r.median_s:.2f} | "
         f"{fmt(r.temp_over_input)} | {fmt(peer.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n"
 

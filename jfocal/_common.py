@@ -102,7 +102,7 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
     out_dtype: dtype of the unreduced result.
   """
   if weights is not None:
-    loss = loss * weights.astype(loss.dtype)
+    loss = scale(loss, weights.astype(loss.dtype))
   if mask is not None:
     loss = jnp.where(mask, loss, jnp.zeros((), loss.dtype))
   if reduction == "none":
@@ -147,6 +147,12 @@ def prepare_common(logits: Any, labels: Any, *, gamma: Any, ignore_index: Any, r
 
 
 def user_mask_and_weights(where: Any, weights: Any, shape: tuple[int, ...]):
-  mask = None if where is None else _validation.check_mask(where, shape)
+  """The checked mask, broadcast to the unreduced shape, and the checked weights."""
+  mask = None if where is None else jnp.broadcast_to(_validation.check_mask(where, shape), shape)
   weights = None if weights is None else _validation.check_weights(weights, shape)
   return mask, weights
+
+
+def scale(loss: jax.Array, factor: jax.Array) -> jax.Array:
+  """``loss * factor``, where a zero factor removes the entry even if its loss is +inf."""
+  return jnp.where(factor == 0, jnp.zeros((), loss.dtype), loss * factor)

@@ -144,7 +144,7 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
   if alpha is not None:
     alpha = _validation.check_alpha(
         alpha, shape[-1] if shape else None, allow_scalar=True).astype(dtype)
-    loss = loss * (alpha * y + (1 - alpha) * (1 - y))
+    loss = _common.scale(loss, alpha * y + (1 - alpha) * (1 - y))
   loss = _common.invalid_to_nan(loss, invalid)
   return _common.reduce_loss(
       loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,

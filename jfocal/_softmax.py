@@ -84,13 +84,17 @@ def _focal_term_jvp(gamma, primals, tangents):
   return value, weight * slope * l_dot
 
 
-def _class_axis(axis: Any, ndim: int) -> int:
+def _class_axis(axis: Any, shape: tuple[int, ...]) -> int:
+  ndim = len(shape)
   if isinstance(axis, bool) or not isinstance(axis, int):
     raise TypeError(f"axis must be an int; got {axis!r}")
   if ndim == 0:
     raise ValueError("softmax losses need logits with a class axis; got scalar logits")
   if not -ndim <= axis < ndim:
     raise ValueError(f"axis {axis} is out of range for logits of rank {ndim}")
+  if shape[axis] == 0:
+    raise ValueError(f"softmax losses need at least one class; logits of shape {shape} have "
+                     f"none along axis {axis}")
   return axis % ndim
 
 
@@ -100,7 +104,7 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
   logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
-  axis = _class_axis(axis, logits.ndim)
+  axis = _class_axis(axis, logits.shape)
   num_classes = logits.shape[axis]
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
   if alpha is not None:
@@ -136,11 +140,11 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
     target_logit = jnp.take_along_axis(shifted, jnp.expand_dims(class_ids, axis), axis=axis)
     loss = focal_term(jnp.squeeze(target_logit - log_normalizer, axis), gamma)
     if alpha is not None:
-      loss = loss * alpha[class_ids]
+      loss = _common.scale(loss, alpha[class_ids])
     if label_smoothing:
       # (1 - eps) one_hot + eps / C, expanded so that the one-hot never exists.
       uniform = per_class(focal_term(shifted - log_normalizer, gamma), jnp.ones((), dtype))
-      loss = (1 - label_smoothing) * loss + label_smoothing / num_classes * uniform
+      loss = _common.scale(loss, 1 - label_smoothing) + label_smoothing / num_classes * uniform
     loss = _common.invalid_to_nan(loss, invalid)
   else:
     _validation.check_same_shape(labels, logits, "float or bool")

@@ -6,7 +6,6 @@ import runpy
 import sys
 
 import jax
-import pytest
 
 SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "run.py"
 

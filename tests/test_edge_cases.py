@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import jfocal
-from test_common import LOSSES, NUM_CLASSES, loss  # noqa: F401  (fixture)
+from test_common import NUM_CLASSES, loss  # noqa: F401  (loss is a fixture)
 
 INF = np.inf
 

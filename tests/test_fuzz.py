@@ -9,10 +9,8 @@ reductions and normalisers. The properties are stated once, in the docstring of
 each test.
 
 Under the default "ci" profile of `conftest.py` each test runs 25
-derandomised examples. The "fuzz" profile registered below runs thousands of
-random ones (`make fuzz`). conftest.py loads `$HYPOTHESIS_PROFILE` before this
-module exists, so a profile registered here cannot be selected through that
-variable; `JFOCAL_FUZZ_PROFILE=fuzz` selects it instead.
+derandomised examples; its "fuzz" profile runs thousands of random ones
+(`make fuzz`).
 
 Compiled callables are cached per static configuration (`_jitted`), so
 examples that differ only in array values or in shapes already seen reuse
@@ -22,25 +20,17 @@ them.
 import dataclasses
 import functools
 import math
-import os
+
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import jfocal
 from conftest import FLOAT_DTYPES
-
-settings.register_profile(
-    "fuzz", max_examples=2000, derandomize=False, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.function_scoped_fixture])
-if os.environ.get("JFOCAL_FUZZ_PROFILE"):
-  # Loaded before the tests below are decorated: @given reads the active profile then.
-  settings.load_profile(os.environ["JFOCAL_FUZZ_PROFILE"])
 
 # ---------------------------------------------------------------------------
 # The six losses.
@@ -91,14 +81,11 @@ SHAPES = {
                      ((2, 2, 3), -1), ((2, 130), -1), ((1, 260), -1), ((1, 32768), -1)],
         "empty": [((0, 3), -1), ((2, 0, 3), -1), ((3, 0), -1), ((0,), -1), ((0, 0), -1),
                   ((2, 0), -1)],
-        "zero_classes": [],  # (3, 0) has an empty unreduced loss: it is in "empty"
     },
     "softmax": {
         "nonempty": [((2, 3), -1), ((3,), -1), ((2, 3), 0), ((4, 1), -1), ((2, 3, 4), 1),
                      ((2, 3, 4), -1), ((2, 130), -1), ((1, 260), -1)],
         "empty": [((0, 3), -1), ((2, 0, 3), -1), ((3, 0), 0), ((2, 0, 3), 2), ((0, 1), -1)],
-        # A class axis of size 0 with examples: an unreduced loss that is not empty.
-        "zero_classes": [((3, 0), -1), ((2, 3, 0), -1)],
     },
 }
 
@@ -244,8 +231,12 @@ def logit_arrays(dtype, shape, kind, bound=None):
                          st.sampled_from([0.0, 1.0, -1.0, 30.0, -30.0]), st.floats(-30, 30))
   else:
     raise ValueError(kind)
-  return hnp.arrays(np.float64, shape, elements=elements).map(
-      lambda array: np.asarray(array).astype(dtype))
+  return hnp.arrays(np.float64, shape, elements=elements).map(functools.partial(_cast, dtype))
+
+
+def _cast(dtype, array):
+  with np.errstate(over="ignore"):  # huge float64 values become +-inf in narrow dtypes
+    return np.asarray(array).astype(dtype)
 
 
 @st.composite
@@ -461,7 +452,7 @@ def assert_grad_type(case, grad):
 # ---------------------------------------------------------------------------
 # 1 and 2: never raises; shapes and dtypes.
 
-@given(case=cases(shapes=("nonempty", "empty", "zero_classes")))
+@given(case=cases(shapes=("nonempty", "empty")))
 def test_never_raises_and_returns_the_promised_shape_and_dtype(case):
   """Well-typed, well-shaped inputs never raise, whatever their values; the unreduced
   loss has the unreduced shape and the logits' dtype, reductions are float32 scalars
@@ -562,9 +553,10 @@ def all_masked_cases(draw):
   if mode == "ignore":
     labels, where = np.full_like(labels, ignore_index), None
   else:
+    # Ignored where `ignored`, masked by `where` everywhere else.
     ignored = draw(hnp.arrays(np.bool_, labels.shape))
     labels = np.where(ignored, np.asarray(ignore_index, dtype), labels)
-    where = ~ignored[..., None] if case.family == "sigmoid" else ~ignored
+    where = ignored[..., None] if case.family == "sigmoid" else ignored
   return dataclasses.replace(case, labels=labels, where=where,
                              options=tuple(sorted(options.items())))
 

@@ -66,6 +66,9 @@ CASES = {
         ValueError, ["label_smoothing", "1.5"]),
     "axis out of range": (lambda: jfocal.softmax_cross_entropy(X3, IDS, axis=2),
                           ValueError, ["axis", "2", "rank 2"]),
+    "softmax without classes": (lambda: jfocal.softmax_focal_loss(np.zeros((3, 0), np.float32),
+                                                                   np.zeros((3,), np.int32)),
+                                ValueError, ["at least one class", "(3, 0)"]),
     "scalar logits for softmax": (lambda: jfocal.softmax_cross_entropy(np.float32(1.0), 0),
                                   ValueError, ["class axis"]),
 }
