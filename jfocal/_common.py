@@ -154,5 +154,10 @@ def user_mask_and_weights(where: Any, weights: Any, shape: tuple[int, ...]):
 
 
 def scale(loss: jax.Array, factor: jax.Array) -> jax.Array:
-  """``loss * factor``, where a zero factor removes the entry even if its loss is +inf."""
-  return jnp.where(factor == 0, jnp.zeros((), loss.dtype), loss * factor)
+  """``loss * factor``, where a zero factor removes the entry even if its loss is +inf.
+
+  A NaN loss (a NaN logit, an out-of-range label) stays NaN: zero weight must
+  not hide bad input.
+  """
+  removed = (factor == 0) & ~jnp.isnan(loss)
+  return jnp.where(removed, jnp.zeros((), loss.dtype), loss * factor)

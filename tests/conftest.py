@@ -29,7 +29,7 @@ settings.register_profile(
                            HealthCheck.function_scoped_fixture])
 # `make fuzz`: thousands of random examples for tests/test_fuzz.py.
 settings.register_profile(
-    "fuzz", max_examples=1000, deadline=None, print_blob=True,
+    "fuzz", max_examples=500, deadline=None, print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                            HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

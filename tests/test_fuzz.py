@@ -510,10 +510,15 @@ def test_finite_inputs_give_finite_loss_and_gradient(case):
   assert np.isfinite(g).all(), f"gradient not finite at {_first(~np.isfinite(g))}: {g}"
   if np.all(np.abs(host(case.logits)) <= BOUND):
     out = host(loss(case, "none"))
-    bad = ~np.isfinite(out)
+    # Unless the true loss exceeds the dtype's range (float16 stops at 65504): measured
+    # by the same loss on float32 logits.
+    wide = dataclasses.replace(case, logits=np.asarray(host(case.logits), np.float32))
+    representable = np.abs(host(loss(wide, "none"))) <= float(jnp.finfo(case.logits.dtype).max)
+    bad = ~np.isfinite(out) & representable
     assert not bad.any(), "loss not finite: " + _describe(case, _first(bad), out)
-    total = host(loss(case, "sum"))
-    assert np.isfinite(total), f"sum {total} not finite"
+    if representable.all():
+      total = host(loss(case, "sum"))
+      assert np.isfinite(total), f"sum {total} not finite"
 
 
 # ---------------------------------------------------------------------------
@@ -592,13 +597,17 @@ def test_jit_is_bitwise_deterministic(case):
 
 @given(case=cases(dtypes=(jnp.float32,)))
 def test_jit_and_eager_agree_within_one_ulp_in_float32(case):
-  """Eager and jit agree: NaN in the same places, everything else within 1 ulp."""
+  """Eager and jit agree: NaN in the same places, everything else within 1 ulp, except
+  a softmax loss over float target distributions: its sum over the class axis runs in
+  the eager reduce kernel's order, not the fused loop's, which can differ by a few ulp."""
   jitted = np.asarray(loss(case))
   eager = np.asarray(loss(case, jit=False))
   assert jitted.dtype == eager.dtype == np.float32
   np.testing.assert_array_equal(np.isnan(jitted), np.isnan(eager), err_msg="NaN positions")
   keep = ~np.isnan(jitted)
-  np.testing.assert_array_max_ulp(jitted[keep], eager[keep], maxulp=1)
+  summed_over_classes = case.family == "softmax" and not case.integer_labels
+  np.testing.assert_array_max_ulp(jitted[keep], eager[keep],
+                                  maxulp=4 if summed_over_classes else 1)
 
 
 # ---------------------------------------------------------------------------
@@ -669,6 +678,9 @@ def test_infinite_logits_softmax(case):
   y = (1 - eps) * y + eps / c
   alpha = _alpha_array(case)
   w = y if alpha is None else y * alpha
+  # A class weight alpha_c y'_c below float32's smallest normal number is flushed to
+  # 0 on the way (as on most CPUs and GPUs): that class then carries no weight.
+  w = np.where(w < np.finfo(np.float32).tiny, 0.0, w)
   positive = np.isposinf(x)
   sole_positive = positive.sum(-1) == 1
   defined = (positive.sum(-1) <= 1) & ~np.isneginf(x).all(-1)
