@@ -32,6 +32,11 @@ COMMON_ARGS_DOC = """
       divides the sum instead of the count of unmasked entries (mmdetection's
       ``avg_factor``), or ``"num_positives"``: the sum divided by
       ``max(number of positive targets, 1)``, the detector convention.
+    axis_name: optional name (or tuple of names) of a mapped axis, inside
+      ``shard_map`` or ``pmap``: the sum, the count of unmasked entries and the
+      number of positives are summed over it, so every device gets the loss of
+      the global batch and gradients equal to a single-device run. Not needed
+      under ``jax.jit`` with sharded arrays, which reduce globally by themselves.
 """
 
 COMMON_RETURNS_DOC = """
@@ -56,6 +61,45 @@ def document_loss(summary: str, formula: str, args: str, example: str,
                   f"  Returns:{COMMON_RETURNS_DOC}{returns}\n"
                   f"  Examples:\n{example}\n{REFERENCE_DOC}")
     return fn
+  return decorate
+
+
+def one_program(*static: str, probabilities: tuple[str, ...] = ("alpha",)):
+  """Runs a loss's body as one ``jax.jit`` program, also when it is called eagerly.
+
+  Eagerly, JAX would run every operation as its own kernel, while under a
+  caller's ``jax.jit`` XLA fuses them, and fused arithmetic may round
+  differently. Compiling the body in both cases makes an eager call return
+  what the jitted one does. The options named in ``static`` (and a string or
+  absent ``normalizer``) specialise the program and key its cache; every other
+  option is traced, so new values of ``alpha``, ``weights`` or ``where`` never
+  recompile. Options named in ``probabilities`` are checked to lie in [0, 1]
+  here, where their concrete values are still known.
+  """
+  static = frozenset(static)
+
+  def decorate(body):
+    traced_normalizer = jax.jit(body, static_argnames=tuple(static))
+    static_normalizer = jax.jit(body, static_argnames=tuple(static | {"normalizer"}))
+
+    @functools.wraps(body)
+    def run(logits: Any, labels: Any, **options: Any) -> jax.Array:
+      for name, value in options.items():
+        if name in static:
+          options[name] = _validation.static_option(value, name)
+        elif isinstance(value, (list, tuple)):
+          options[name] = _validation.as_array(value, name)
+      for name in probabilities:
+        _validation.check_concrete_probabilities(options.get(name), name)
+      logits = _validation.as_array(logits, "logits")
+      labels = _validation.as_array(labels, "labels")
+      normalizer = options.get("normalizer")
+      program = (static_normalizer if normalizer is None or isinstance(normalizer, str)
+                 else traced_normalizer)
+      return program(logits, labels, **options)
+
+    return run
+
   return decorate
 
 
@@ -88,9 +132,13 @@ def count(mask: jax.Array | None, shape: tuple[int, ...], dtype: Any) -> jax.Arr
   return jnp.sum(jnp.broadcast_to(mask, shape), dtype=dtype)
 
 
+def global_sum(value: jax.Array, axis_name: Any) -> jax.Array:
+  return value if axis_name is None else jax.lax.psum(value, axis_name)
+
+
 def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array | None,
                 reduction: str, normalizer: Any, positives: Callable[[], jax.Array],
-                out_dtype: Any) -> jax.Array:
+                out_dtype: Any, axis_name: Any = None) -> jax.Array:
   """Applies weights and mask, then the reduction.
 
   Args:
@@ -102,6 +150,7 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
     positives: returns the count of unmasked positive targets; called only for
       ``normalizer="num_positives"``.
     out_dtype: dtype of the unreduced result.
+    axis_name: mapped axis (or axes) over which sums and counts are global.
   """
   if weights is not None:
     loss = scale(loss, weights.astype(loss.dtype))
@@ -110,13 +159,14 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
   if reduction == "none":
     # Fenced too, so that a caller's own jnp.sum(loss) also reads a materialised array.
     return _math.fence(loss.astype(out_dtype))
-  total = jnp.sum(_math.fence(loss))  # a plain loop writes the loss, the sum reads it
+  # A plain loop writes the loss, the sum reads it.
+  total = global_sum(jnp.sum(_math.fence(loss)), axis_name)
   if reduction == "sum":
     return total
   if normalizer is None:
-    denominator = jnp.maximum(count(mask, loss.shape, loss.dtype), 1.0)
+    denominator = jnp.maximum(global_sum(count(mask, loss.shape, loss.dtype), axis_name), 1.0)
   elif isinstance(normalizer, str):
-    denominator = jnp.maximum(positives().astype(loss.dtype), 1.0)
+    denominator = jnp.maximum(global_sum(positives().astype(loss.dtype), axis_name), 1.0)
   else:
     denominator = jnp.asarray(normalizer).astype(loss.dtype)
   return total / denominator

@@ -99,9 +99,10 @@ def _focal_term_jvp(gamma, primals, tangents):
   return value, tangent
 
 
+@_common.one_program("gamma", "ignore_index", "label_smoothing", "reduction", "axis_name")
 def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: Any,
                   where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
-                  normalizer: Any) -> jax.Array:
+                  normalizer: Any, axis_name: Any) -> jax.Array:
   logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
@@ -148,7 +149,8 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
   loss = _common.invalid_to_nan(loss, invalid)
   return _common.reduce_loss(
       loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
-      positives=lambda: jnp.sum(targets > 0), out_dtype=logits.dtype)
+      positives=lambda: jnp.sum(targets > 0), out_dtype=logits.dtype,
+      axis_name=axis_name)
 
 
 _FORMULA = r"""
@@ -195,10 +197,11 @@ _ALPHA = """
      [0.6931 3.0486]]""")
 def sigmoid_cross_entropy(logits: Any, labels: Any, *, weights: Any = None, where: Any = None,
                           ignore_index: int | None = None, label_smoothing: float = 0.0,
-                          reduction: str = "none", normalizer: Any = None) -> jax.Array:
+                          reduction: str = "none", normalizer: Any = None,
+                          axis_name: Any = None) -> jax.Array:
   return _sigmoid_loss(logits, labels, alpha=None, gamma=0.0, weights=weights, where=where,
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       reduction=reduction, normalizer=normalizer)
+                       reduction=reduction, normalizer=normalizer, axis_name=axis_name)
 
 
 @_common.document_loss(
@@ -222,10 +225,10 @@ def sigmoid_balanced_cross_entropy(logits: Any, labels: Any, *, alpha: Any = 0.2
                                    weights: Any = None, where: Any = None,
                                    ignore_index: int | None = None,
                                    label_smoothing: float = 0.0, reduction: str = "none",
-                                   normalizer: Any = None) -> jax.Array:
+                                   normalizer: Any = None, axis_name: Any = None) -> jax.Array:
   return _sigmoid_loss(logits, labels, alpha=alpha, gamma=0.0, weights=weights, where=where,
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       reduction=reduction, normalizer=normalizer)
+                       reduction=reduction, normalizer=normalizer, axis_name=axis_name)
 
 
 @_common.document_loss(
@@ -253,7 +256,7 @@ def sigmoid_balanced_cross_entropy(logits: Any, labels: Any, *, alpha: Any = 0.2
 def sigmoid_focal_loss(logits: Any, labels: Any, *, alpha: Any = 0.25, gamma: float = 2.0,
                        weights: Any = None, where: Any = None, ignore_index: int | None = None,
                        label_smoothing: float = 0.0, reduction: str = "none",
-                       normalizer: Any = None) -> jax.Array:
+                       normalizer: Any = None, axis_name: Any = None) -> jax.Array:
   return _sigmoid_loss(logits, labels, alpha=alpha, gamma=gamma, weights=weights, where=where,
                        ignore_index=ignore_index, label_smoothing=label_smoothing,
-                       reduction=reduction, normalizer=normalizer)
+                       reduction=reduction, normalizer=normalizer, axis_name=axis_name)

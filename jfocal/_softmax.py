@@ -98,9 +98,11 @@ def _class_axis(axis: Any, shape: tuple[int, ...]) -> int:
   return axis % ndim
 
 
+@_common.one_program("gamma", "axis", "ignore_index", "label_smoothing", "reduction",
+                     "axis_name")
 def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any, weights: Any,
                   where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
-                  normalizer: Any) -> jax.Array:
+                  normalizer: Any, axis_name: Any) -> jax.Array:
   logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
@@ -159,7 +161,8 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
     loss = per_class(focal_term(shifted - log_normalizer, gamma), targets)
   return _common.reduce_loss(
       loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
-      positives=lambda: jnp.sum(positives), out_dtype=logits.dtype)
+      positives=lambda: jnp.sum(positives), out_dtype=logits.dtype,
+      axis_name=axis_name)
 
 
 _SHAPES = """
@@ -201,11 +204,11 @@ _GAMMA = """
 def softmax_cross_entropy(logits: Any, labels: Any, *, axis: int = -1, weights: Any = None,
                           where: Any = None, ignore_index: int | None = None,
                           label_smoothing: float = 0.0, reduction: str = "none",
-                          normalizer: Any = None) -> jax.Array:
+                          normalizer: Any = None, axis_name: Any = None) -> jax.Array:
   return _softmax_loss(logits, labels, alpha=None, gamma=0.0, axis=axis, weights=weights,
                        where=where, ignore_index=ignore_index,
                        label_smoothing=label_smoothing, reduction=reduction,
-                       normalizer=normalizer)
+                       normalizer=normalizer, axis_name=axis_name)
 
 
 @_common.document_loss(
@@ -227,11 +230,11 @@ def softmax_balanced_cross_entropy(logits: Any, labels: Any, *, alpha: Any, axis
                                    weights: Any = None, where: Any = None,
                                    ignore_index: int | None = None,
                                    label_smoothing: float = 0.0, reduction: str = "none",
-                                   normalizer: Any = None) -> jax.Array:
+                                   normalizer: Any = None, axis_name: Any = None) -> jax.Array:
   return _softmax_loss(logits, labels, alpha=alpha, gamma=0.0, axis=axis, weights=weights,
                        where=where, ignore_index=ignore_index,
                        label_smoothing=label_smoothing, reduction=reduction,
-                       normalizer=normalizer)
+                       normalizer=normalizer, axis_name=axis_name)
 
 
 @_common.document_loss(
@@ -255,8 +258,9 @@ def softmax_balanced_cross_entropy(logits: Any, labels: Any, *, alpha: Any, axis
 def softmax_focal_loss(logits: Any, labels: Any, *, alpha: Any = None, gamma: float = 2.0,
                        axis: int = -1, weights: Any = None, where: Any = None,
                        ignore_index: int | None = None, label_smoothing: float = 0.0,
-                       reduction: str = "none", normalizer: Any = None) -> jax.Array:
+                       reduction: str = "none", normalizer: Any = None,
+                       axis_name: Any = None) -> jax.Array:
   return _softmax_loss(logits, labels, alpha=alpha, gamma=gamma, axis=axis, weights=weights,
                        where=where, ignore_index=ignore_index,
                        label_smoothing=label_smoothing, reduction=reduction,
-                       normalizer=normalizer)
+                       normalizer=normalizer, axis_name=axis_name)

@@ -71,11 +71,7 @@ def is_concrete(value: Any) -> bool:
 def static_number(value: Any, name: str, *, minimum: float = -math.inf,
                   maximum: float = math.inf) -> float:
   """A Python float from a static number, checked against [minimum, maximum]."""
-  if isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f"{name} must be a static Python number because its value specialises the "
-        f"compiled code; got a traced array {value.aval}. Pass it as a Python float, or "
-        f"mark it static (jax.jit(..., static_argnames=...))")
+  require_static(value, name)
   if isinstance(value, (bool, np.bool_)) or not (
       isinstance(value, numbers.Real) or (hasattr(value, "shape") and np.shape(value) == ())):
     raise TypeError(f"{name} must be a real number; got {value!r}")
@@ -84,6 +80,35 @@ def static_number(value: Any, name: str, *, minimum: float = -math.inf,
     bounds = f"[{minimum:g}, {maximum:g}]" if math.isfinite(maximum) else f">= {minimum:g}"
     raise ValueError(f"{name} must be a finite number {bounds}; got {number!r}")
   return number
+
+
+def require_static(value: Any, name: str) -> None:
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"{name} must be a static Python value because it specialises the compiled "
+        f"code; got a traced array {value.aval}. Pass it as a Python value, or mark it "
+        f"static (jax.jit(..., static_argnames=...))")
+
+
+def static_option(value: Any, name: str) -> Any:
+  """A hashable Python value for an option that specialises the compiled code."""
+  require_static(value, name)
+  if isinstance(value, (np.ndarray, np.generic, jax.Array)) and np.ndim(value) == 0:
+    return value.item()
+  try:
+    hash(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a Python number, string or None; got {value!r}") from None
+  return value
+
+
+def check_concrete_probabilities(values: Any, name: str) -> None:
+  """Checks concrete real values in [0, 1]; tracers, None and non-real dtypes pass to later checks."""
+  if values is None or not is_concrete(values):
+    return
+  array = as_array(values, name)
+  if jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating):
+    check_probabilities(values, name)
 
 
 def check_gamma(gamma: Any) -> float:

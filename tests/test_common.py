@@ -132,9 +132,13 @@ def test_jit_equals_eager(loss, reduction):
   logits, ids = _batch(family, seed=5)
   eager = fn(logits, ids, reduction=reduction)
   jitted = jax.jit(lambda x, y: fn(x, y, reduction=reduction))(logits, ids)
-  np.testing.assert_array_max_ulp(np.asarray(jitted), np.asarray(eager), maxulp=4)
+  np.testing.assert_array_max_ulp(np.asarray(jitted), np.asarray(eager), maxulp=1)
+  # Eagerly, JAX runs the forward and backward passes as two programs, jit as one,
+  # so the gradient may round differently: within one float32 ulp of its scale.
   grad = lambda x: jax.grad(lambda x: jnp.sum(fn(x, ids, reduction=reduction)))(x)
-  np.testing.assert_allclose(jax.jit(grad)(logits), grad(logits), rtol=1e-6, atol=1e-7)
+  eager_grad = np.asarray(grad(logits))
+  atol = np.finfo(np.float32).eps * np.max(np.abs(eager_grad))
+  np.testing.assert_allclose(jax.jit(grad)(logits), eager_grad, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
