@@ -1,0 +1,203 @@
+"""Data parallelism on 8 simulated CPU devices: sharded and mapped losses equal one device.
+
+Not collected by the main run (the file name does not match test_*.py):
+tests/test_multidevice.py runs it in its own pytest process with
+``--xla_force_host_platform_device_count=8``, so every other test keeps one
+device.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import jfocal
+from conftest import assert_close
+from test_common import LOSSES, NUM_CLASSES
+from test_training import standard_promotion  # noqa: F401  (a fixture)
+
+REDUCTIONS = [("none", None), ("sum", None), ("mean", None), ("mean", "num_positives")]
+# Collectives that would move logits-sized data between devices.
+MOVING_COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def eight_devices():
+  if jax.device_count() != 8:
+    pytest.fail(f"run through tests/test_multidevice.py: needs 8 devices, has {jax.device_count()}")
+
+
+@pytest.fixture(params=sorted(LOSSES))
+def loss(request):
+  fn, family, options = LOSSES[request.param]
+  return (lambda *args, **kw: fn(*args, **options, **kw)), family
+
+
+def batch(family, images=16, anchors=12, seed=0):
+  """float32 logits (images, anchors, C) and class ids per anchor, ~1/4 of them positive."""
+  rng = np.random.default_rng(seed)
+  logits = jnp.asarray(rng.normal(size=(images, anchors, NUM_CLASSES)) * 3, jnp.float32)
+  top = NUM_CLASSES + 1 if family == "sigmoid" else NUM_CLASSES  # sigmoid id C = background
+  ids = jnp.asarray(rng.integers(0, top, size=(images, anchors)), jnp.int32)
+  return logits, ids
+
+
+def collectives(compiled):
+  """(name, result shapes) of every cross-device operation in a compiled program's HLO."""
+  found = []
+  for line in compiled.as_text().splitlines():
+    match = re.search(r"= (.*?) ([a-z-]+)(?:-start)?\(", line)
+    if match and match.group(2) in ("all-reduce",) + MOVING_COLLECTIVES:
+      found.append((match.group(2), re.findall(r"\[([\d,]*)\]", match.group(1))))
+  return found
+
+
+@pytest.mark.parametrize("reduction, normalizer", REDUCTIONS)
+def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction, normalizer):
+  """jit over arrays sharded by image and anchor equals one device; only scalars are all-reduced."""
+  fn, family = loss
+  logits, ids = batch(family)
+  mesh = jax.make_mesh((4, 2), ("images", "anchors"))
+  sharded = jax.device_put((logits, ids), NamedSharding(mesh, P("images", "anchors")))
+  call = lambda x, y: fn(x, y, reduction=reduction, normalizer=normalizer)
+  summed = lambda x, y: jnp.sum(call(x, y))
+
+  expected, expected_grad = jax.value_and_grad(summed)(logits, ids)
+  step = jax.jit(jax.value_and_grad(summed))
+  value, grad = step(*sharded)
+  assert_close(value, expected, jnp.float32)
+  assert_close(grad, expected_grad, jnp.float32)
+  assert grad.sharding.spec[:2] == ("images", "anchors"), "the gradient stays sharded"
+  assert_close(jax.jit(call)(*sharded), call(logits, ids), jnp.float32)
+
+  for program, reduces in ((jax.jit(call), reduction != "none"), (step, True)):
+    ops = collectives(program.lower(*sharded).compile())
+    moving = [name for name, _ in ops if name in MOVING_COLLECTIVES]
+    assert not moving, f"logits-sized data moves between devices: {moving}"
+    sizes = [shapes for name, shapes in ops if name == "all-reduce"]
+    assert all(dims == "" for shapes in sizes for dims in shapes), (
+        f"only scalars may be all-reduced; got shapes {sizes}")
+    assert bool(sizes) == reduces, f"a global reduction all-reduces partial sums; got {ops}"
+
+
+@pytest.mark.parametrize("reduction, normalizer", REDUCTIONS)
+@pytest.mark.parametrize("axes", [("data",), ("images", "anchors")])
+def test_shard_map_with_axis_name_equals_one_device(loss, reduction, normalizer, axes):
+  """Each device gets the global loss and its share of the global gradient."""
+  fn, family = loss
+  logits, ids = batch(family)
+  mesh = jax.make_mesh((8,), axes) if len(axes) == 1 else jax.make_mesh((4, 2), axes)
+  spec = P(*axes) if len(axes) == 2 else P(axes[0])
+  axis_name = axes if len(axes) == 2 else axes[0]
+  summed = lambda x, y, **kw: jnp.sum(fn(x, y, reduction=reduction, normalizer=normalizer, **kw))
+  expected, expected_grad = jax.value_and_grad(summed)(logits, ids)
+
+  if reduction == "none":  # nothing to reduce: the loss stays sharded like the logits
+    per_device = lambda x, y: (fn(x, y, axis_name=axis_name),
+                               jax.grad(summed)(x, y, axis_name=axis_name))
+    value_spec, expected = spec, fn(logits, ids)
+  else:
+    per_device = lambda x, y: jax.value_and_grad(summed)(x, y, axis_name=axis_name)
+    value_spec = P()
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec),
+                                 out_specs=(value_spec, spec)))
+  value, grad = mapped(*jax.device_put((logits, ids), NamedSharding(mesh, spec)))
+  assert_close(value, expected, jnp.float32)
+  assert_close(grad, expected_grad, jnp.float32)
+
+
+@pytest.mark.parametrize("normalizer", [None, "num_positives"])
+def test_pmap_with_axis_name_equals_one_device(normalizer):
+  """Under pmap (no varying-value types) the gradient is still the device's share."""
+  logits, ids = batch("sigmoid")
+  summed = lambda x, y, **kw: jfocal.sigmoid_focal_loss(
+      x, y, reduction="mean", normalizer=normalizer, **kw)
+  expected, expected_grad = jax.value_and_grad(summed)(logits, ids)
+  mapped = jax.pmap(lambda x, y: jax.value_and_grad(summed)(x, y, axis_name="data"),
+                    axis_name="data")
+  value, grad = mapped(logits.reshape(8, 2, 12, NUM_CLASSES), ids.reshape(8, 2, 12))
+  assert_close(value, np.full(8, expected), jnp.float32)
+  assert_close(grad.reshape(logits.shape), expected_grad, jnp.float32)
+
+
+def test_ema_normalizer_counts_positives_over_all_devices():
+  ids = batch("sigmoid")[1]
+  count = lambda y: jnp.sum(y < NUM_CLASSES)
+  state = jfocal.ema_normalizer_init(50.0)
+  expected = jfocal.ema_normalizer(count(ids), state, momentum=0.8)
+  mesh = jax.make_mesh((8,), ("data",))
+  mapped = jax.jit(jax.shard_map(
+      lambda y, s: jfocal.ema_normalizer(count(y), s, momentum=0.8, axis_name="data"),
+      mesh=mesh, in_specs=(P("data"), P()), out_specs=P()))
+  assert_close(mapped(jax.device_put(ids, NamedSharding(mesh, P("data"))), state), expected,
+               jnp.float32)
+
+
+class Detector(nn.Module):
+  """A per-anchor classifier: features (images, anchors, 8) -> logits (images, anchors, C)."""
+
+  @nn.compact
+  def __call__(self, features):
+    hidden = nn.relu(nn.Dense(16)(features))
+    return nn.Dense(NUM_CLASSES, bias_init=jfocal.prior_bias_init(0.01))(hidden)
+
+
+def training_data(steps=4):
+  rng = np.random.default_rng(7)
+  features = rng.normal(size=(steps, 16, 12, 8)).astype(np.float32)
+  ids = rng.integers(0, NUM_CLASSES + 1, size=(steps, 16, 12)).astype(np.int32)
+  return features, ids
+
+
+def train(step, params, features, ids, place=lambda *arrays: arrays):
+  optimizer = optax.adam(1e-2)
+  opt_state = optimizer.init(params)
+  for x, y in zip(features, ids):
+    params, opt_state = step(optimizer, params, opt_state, *place(x, y))
+  return params
+
+
+def test_data_parallel_training_steps_match_one_device(standard_promotion):
+  """Four adam steps: batch-sharded jit and shard_map(axis_name) give one device's params."""
+  model = Detector()
+  features, ids = training_data()
+  params = model.init(jax.random.key(0), features[0])
+
+  def objective(params, x, y, **kw):
+    return jfocal.sigmoid_focal_loss(model.apply(params, x), y, reduction="mean",
+                                     normalizer="num_positives", **kw)
+
+  def update(optimizer, params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+  @jax.jit
+  def plain_step(params, opt_state, x, y):
+    return update(optax.adam(1e-2), params, opt_state, jax.grad(objective)(params, x, y))
+
+  # Auto axes: flax's Dense leaves the sharding of its weight gradients to XLA,
+  # which a mesh with explicit axes would make it spell out.
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  batch_sharding = NamedSharding(mesh, P("data"))
+
+  @jax.jit
+  def mapped_step(params, opt_state, x, y):
+    # Replicated params: JAX sums their per-device gradients itself (shard_map
+    # types them invariant), so every device applies the global gradient.
+    grads = jax.shard_map(lambda p, x, y: jax.grad(objective)(p, x, y, axis_name="data"),
+                          mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P())(
+                              params, x, y)
+    return update(optax.adam(1e-2), params, opt_state, grads)
+
+  as_step = lambda fn: (lambda optimizer, *args: fn(*args))
+  expected = train(as_step(plain_step), params, features, ids)
+  shard = lambda *arrays: jax.device_put(arrays, batch_sharding)
+  for name, step in (("sharded jit", plain_step), ("shard_map", mapped_step)):
+    got = train(as_step(step), params, features, ids, place=shard)
+    for leaf, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+      assert_close(leaf, reference, jnp.float32, what=f"{name} parameters after 4 steps")
