@@ -21,6 +21,15 @@ def ema_normalizer_init(initial: float = 100.0) -> jax.Array:
 
   Returns:
     A float32 scalar array.
+
+  Examples:
+    >>> import jfocal
+    >>> float(jfocal.ema_normalizer_init())
+    100.0
+
+  References:
+    Wu et al., `Detectron2 <https://github.com/facebookresearch/detectron2>`_,
+    ``modeling/meta_arch/retinanet.py`` (``loss_normalizer``), 2019.
   """
   initial = _validation.static_number(initial, "initial", minimum=0.0)
   if initial == 0.0:

@@ -9,9 +9,10 @@ import jax
 import pytest
 
 import jfocal
-from jfocal import _alpha, _checked, _sigmoid, _softmax
 
 LOSSES = [name for name in jfocal.__all__ if "entropy" in name or "focal" in name]
+MODULES = sorted({inspect.getmodule(getattr(jfocal, name)) for name in jfocal.__all__},
+                 key=lambda module: module.__name__)
 
 
 @pytest.mark.parametrize("name", jfocal.__all__)
@@ -28,12 +29,13 @@ def test_loss_signature_is_logits_labels_then_keyword_only(name):
   parameters = list(inspect.signature(getattr(jfocal, name)).parameters.values())
   assert [p.name for p in parameters[:2]] == ["logits", "labels"]
   assert all(p.kind is p.KEYWORD_ONLY for p in parameters[2:])
-  common = {"weights", "where", "ignore_index", "label_smoothing", "reduction", "normalizer"}
+  common = {"weights", "where", "ignore_index", "label_smoothing", "reduction", "normalizer",
+            "axis_name"}
   assert common <= {p.name for p in parameters}
   assert inspect.signature(getattr(jfocal, name)).parameters["reduction"].default == "none"
 
 
-@pytest.mark.parametrize("module", [_alpha, _checked, _sigmoid, _softmax], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", MODULES, ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
   # Examples are written for JAX's defaults (float32), not the suite's x64 mode.
   with jax.enable_x64(False):
