@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Two workers: one per core of the CI machine.
 PYTEST_ARGS ?= -n 2
 
-.PHONY: test fuzz demo bench clean
+.PHONY: test fuzz demo demo-classify notebooks bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,18 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -n 2 -q
 
+# The tiny RetinaNet trained with CE, balanced CE and focal loss; writes
+# examples/retinanet/results/ (table, training curves, detections).
 demo: $(STAMP)
+	$(BIN)/python -m examples.retinanet
+
+# The earlier classification demo: CE vs balanced CE vs focal on long-tailed digits.
+demo-classify: $(STAMP)
 	$(BIN)/python examples/imbalanced_digits.py
+
+# Executes notebooks/*.py and writes the .ipynb files with their outputs.
+notebooks: $(STAMP)
+	$(BIN)/python notebooks/run.py
 
 # Timings side by side with optax, a naive loss and a floor kernel; writes
 # benchmarks/results.md, results.json and results.png.

@@ -1,0 +1,1 @@
+"""Runnable examples of jfocal; `examples.retinanet` is importable from the repository root."""

@@ -1,0 +1,128 @@
+"""The detector as one object: the Flax model, its anchors, targets, loss and post-processing."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from examples.retinanet import boxes as box_ops
+from examples.retinanet.losses import ClassificationLoss, detection_loss
+from examples.retinanet.model import RetinaNet
+
+
+@dataclasses.dataclass(frozen=True)
+class Detections:
+  """Fixed-size detections per image; ``keep`` marks the real ones (after threshold and NMS)."""
+
+  boxes: np.ndarray  # (N, K, 4) x1 y1 x2 y2
+  scores: np.ndarray  # (N, K)
+  classes: np.ndarray  # (N, K) int
+  keep: np.ndarray  # (N, K) bool
+
+  def of_image(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes, scores and classes of the kept detections of image ``index``, best first."""
+    kept = self.keep[index]
+    return self.boxes[index][kept], self.scores[index][kept], self.classes[index][kept]
+
+
+@dataclasses.dataclass(frozen=True)
+class PostprocessConfig:
+  """The paper's inference settings (section 5), with fewer candidates for small images."""
+
+  candidates: int = 300
+  score_threshold: float = 0.05
+  nms_iou: float = 0.5
+  max_detections: int = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class Detector:
+  """A `RetinaNet` together with the anchors its outputs refer to.
+
+  The model's pyramid levels must have the anchors' strides: a backbone of
+  ``n`` stride-2 stages whose last ``k`` feed the FPN has strides
+  ``2**(n-k+1) .. 2**n``.
+  """
+
+  model: RetinaNet = RetinaNet()
+  anchor_config: box_ops.AnchorConfig = box_ops.AnchorConfig()
+  image_size: int = 64
+  box_coder: box_ops.BoxCoder = box_ops.BoxCoder()
+
+  def __post_init__(self) -> None:
+    stages = len(self.model.backbone_widths)
+    strides = tuple(2**s for s in range(stages - self.model.pyramid_levels + 1, stages + 1))
+    if strides != self.anchor_config.strides:
+      raise ValueError(f"the model's pyramid has strides {strides}, the anchors "
+                       f"{self.anchor_config.strides}")
+    if self.model.anchors_per_position != self.anchor_config.anchors_per_position:
+      raise ValueError("model.anchors_per_position must equal the anchor shapes per position")
+
+  @functools.cached_property
+  def anchors(self) -> np.ndarray:
+    """``(A, 4)``; a NumPy array, so that every trace embeds it as a constant."""
+    return box_ops.generate_anchors(self.image_size, self.anchor_config)
+
+  @property
+  def num_classes(self) -> int:
+    return self.model.num_classes
+
+  def init(self, seed: int) -> Any:
+    images = jnp.zeros((1, self.image_size, self.image_size, 1), jnp.float32)
+    return self.model.init(jax.random.key(seed), images)
+
+  def targets(self, gt_boxes: jax.Array, gt_classes: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`boxes.assign_targets` vmapped over a batch: ``(B, A)`` classes, ``(B, A, 4)`` boxes."""
+    assign = functools.partial(box_ops.assign_targets, num_classes=self.num_classes,
+                               box_coder=self.box_coder)
+    return jax.vmap(assign, in_axes=(None, 0, 0))(self.anchors, gt_boxes, gt_classes)
+
+  def loss(self, params: Any, images: jax.Array, gt_boxes: jax.Array, gt_classes: jax.Array,
+           classification_loss: ClassificationLoss) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`losses.detection_loss` of a batch of images and padded ground truth."""
+    class_targets, box_targets = self.targets(gt_boxes, gt_classes)
+    class_logits, box_deltas = self.model.apply(params, images)
+    return detection_loss(class_logits, box_deltas, class_targets, box_targets,
+                          classification_loss)
+
+  @functools.partial(jax.jit, static_argnames=("self", "config"))
+  def postprocess(self, class_logits: jax.Array, box_deltas: jax.Array,
+                  config: PostprocessConfig = PostprocessConfig()) -> tuple[jax.Array, ...]:
+    """Raw outputs ``(B, A, C)``, ``(B, A, 4)`` to fixed-size detections, vmapped over images.
+
+    Per image: the ``config.candidates`` top-scoring (anchor, class) pairs,
+    decoded and clipped to the image, those above the score threshold, class-wise
+    NMS, at most ``config.max_detections``. Returns boxes ``(B, K, 4)``, scores,
+    classes and the keep mask ``(B, K)``.
+    """
+    return jax.vmap(functools.partial(self._postprocess_image, config=config))(
+        class_logits, box_deltas)
+
+  def _postprocess_image(self, class_logits: jax.Array, box_deltas: jax.Array,
+                         config: PostprocessConfig) -> tuple[jax.Array, ...]:
+    scores, pairs = jax.lax.top_k(jax.nn.sigmoid(class_logits).reshape(-1), config.candidates)
+    anchor_index, classes = pairs // self.num_classes, pairs % self.num_classes
+    anchors = jnp.asarray(self.anchors)[anchor_index]
+    decoded = self.box_coder.decode(box_deltas[anchor_index], anchors)
+    decoded = jnp.clip(decoded, 0, self.image_size)
+    valid = (scores > config.score_threshold) & (box_ops.box_area(decoded) > 0)
+    keep = box_ops.class_wise_nms(decoded, classes, valid, config.nms_iou)
+    keep = keep & (jnp.cumsum(keep) <= config.max_detections)
+    return decoded, scores, classes, keep
+
+  @functools.partial(jax.jit, static_argnames=("self", "config"))
+  def _detect_batch(self, params: Any, images: jax.Array, config: PostprocessConfig
+                    ) -> tuple[jax.Array, ...]:
+    return self.postprocess(*self.model.apply(params, images), config)
+
+  def detect(self, params: Any, images: np.ndarray, *, batch_size: int = 100,
+             config: PostprocessConfig = PostprocessConfig()) -> Detections:
+    """Detections for ``(N, H, W, 1)`` images, computed in batches."""
+    chunks = [self._detect_batch(params, jnp.asarray(images[i:i + batch_size]), config)
+              for i in range(0, len(images), batch_size)]
+    return Detections(*(np.concatenate([np.asarray(c[k]) for c in chunks]) for k in range(4)))
