@@ -13,6 +13,8 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
            (and jfocal.checked(...) to price the run-time checks)
   softmax  jfocal.softmax_focal_loss | optax CE with integer labels | naive (log_softmax,
            gather, pow) | floor
+  extended one case (--extended-size) of every other jfocal loss against its naive
+           (mmdetection or textbook) formula and against the sigmoid focal loss
 The floor kernel reads the same inputs and writes one logits-shaped array with one
 exp and one log1p per element: the least a value-and-grad can read, write and
 compute. Softmax with C=1 is skipped: its loss is identically zero. All losses are summed, gradients are taken with respect to the logits.
@@ -79,6 +81,80 @@ FAMILIES: dict[str, dict[str, Callable]] = {
 }
 
 
+def _naive_focal_star(x, y, gamma=2.0, beta=1.0):
+  alpha_t = ALPHA * y + (1 - ALPHA) * (1 - y)
+  log_p = jnp.log(jax.nn.sigmoid(gamma * x + beta))
+  log_q = jnp.log(jax.nn.sigmoid(-gamma * x + beta))
+  return jnp.sum(-alpha_t * (y * log_p + (1 - y) * log_q) / gamma)
+
+
+def _naive_poly1_focal(x, y, epsilon=1.0):
+  p = jax.nn.sigmoid(x)
+  p_t = y * p + (1 - y) * (1 - p)
+  return _sigmoid_naive(x, y) + epsilon * jnp.sum((1 - p_t) ** (GAMMA + 1))
+
+
+def _naive_quality_focal(x, y, beta=2.0):  # mmdetection's formula with dense targets
+  p = jax.nn.sigmoid(x)
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, y) * jnp.abs(y - p) ** beta)
+
+
+def _naive_varifocal(x, q, alpha=0.75, gamma=2.0):  # mmdetection's varifocal_loss
+  p = jax.nn.sigmoid(x)
+  weight = jnp.where(q > 0, q, alpha * jnp.abs(p - q) ** gamma)
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, q) * weight)
+
+
+def _naive_ghmc(x, y, bins=10):  # mmdetection's GHMC.forward, one masked pass per bin
+  g = jax.lax.stop_gradient(jnp.abs(jax.nn.sigmoid(x) - y))
+  edges = (jnp.arange(bins + 1) / bins).at[-1].add(1e-6)
+  total = g.size
+  weights, populated = jnp.zeros_like(x), 0
+  for i in range(bins):
+    inside = (g >= edges[i]) & (g < edges[i + 1])
+    count = jnp.sum(inside)
+    weights = jnp.where(inside, total / jnp.maximum(count, 1), weights)
+    populated = populated + (count > 0)
+  weights = weights / jnp.maximum(populated, 1)
+  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, y) * weights) / total
+
+
+def _naive_poly1_cross_entropy(x, ids, epsilon=1.0):
+  p_t = jnp.take_along_axis(jax.nn.softmax(x), ids[:, None], axis=-1)[:, 0]
+  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, ids) + epsilon * (1 - p_t))
+
+
+# The extended family at one size: each loss against its naive (mmdetection or
+# textbook) formula and against jfocal's sigmoid focal loss on the same inputs.
+# Sigmoid labels are dense soft targets: ~1% of the logits hold an IoU in
+# (0, 1]; the softmax loss gets uniform class ids.
+EXTENDED: dict[str, tuple[Callable, Callable]] = {
+    "sigmoid_focal_loss": (
+        lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=ALPHA, gamma=GAMMA, reduction="sum"),
+        _sigmoid_naive),
+    "sigmoid_focal_loss_star": (
+        lambda x, y: jfocal.sigmoid_focal_loss_star(x, y, alpha=ALPHA, gamma=2.0, beta=1.0,
+                                                    reduction="sum"),
+        _naive_focal_star),
+    "poly1_focal_loss": (
+        lambda x, y: jfocal.poly1_focal_loss(x, y, epsilon=1.0, alpha=ALPHA, gamma=GAMMA,
+                                             reduction="sum"),
+        _naive_poly1_focal),
+    "quality_focal_loss": (
+        lambda x, y: jfocal.quality_focal_loss(x, y, beta=2.0, reduction="sum"),
+        _naive_quality_focal),
+    "varifocal_loss": (
+        lambda x, y: jfocal.varifocal_loss(x, y, alpha=0.75, gamma=2.0, reduction="sum"),
+        _naive_varifocal),
+    "ghmc_loss": (
+        lambda x, y: jfocal.ghmc_loss(x, y, bins=10, reduction="mean")[0],
+        _naive_ghmc),
+    "poly1_cross_entropy": (
+        lambda x, ids: jfocal.poly1_cross_entropy(x, ids, epsilon=1.0, reduction="sum"),
+        _naive_poly1_cross_entropy),
+}
+
+
 @dataclasses.dataclass
 class Row:
   family: str
@@ -136,6 +212,53 @@ def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
                     None if temp is None else temp / x.nbytes, input_bytes,
                     x.nbytes if mode == "value_and_grad" or impl == "floor" else 4))
   return rows
+
+
+def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
+  """value_and_grad of every extended loss and of its naive formula, interleaved."""
+  rows_count = max(elements // classes, 1)
+  shape = (rows_count, classes)
+  x = jnp.asarray(rng.normal(size=shape) * 4).astype(dtype)
+  positive = rng.uniform(size=shape) < 0.01
+  y = jnp.asarray(np.where(positive, rng.uniform(0.05, 1.0, size=shape), 0.0)).astype(dtype)
+  ids = jnp.asarray(rng.integers(0, classes, size=rows_count), jnp.int32)
+  candidates = {}
+  for name, (ours, naive) in EXTENDED.items():
+    labels = ids if "softmax" in name or "cross_entropy" in name else y
+    candidates[(f"jfocal {name}", "value_and_grad")] = (jax.value_and_grad(ours), labels)
+    candidates[(f"naive {name}", "value_and_grad")] = (jax.value_and_grad(naive), labels)
+  compiled = {key: _compile(fn, x, labels) + (labels,)
+              for key, (fn, labels) in candidates.items()}
+  times = {key: [] for key in compiled}
+  for _ in range(rounds):
+    for key, (fn, _, _, labels) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(x, labels))
+      times[key].append(time.perf_counter() - start)
+  return [Row("extended", jnp.dtype(dtype).name, classes, int(x.size), impl, mode,
+              float(np.median(times[(impl, mode)])), compile_s,
+              None if temp is None else temp / x.nbytes, x.nbytes + y.nbytes, x.nbytes)
+          for (impl, mode), (_, compile_s, temp, _) in compiled.items()]
+
+
+def extended_markdown(rows: list[Row]) -> str:
+  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+  out = ["", "Extended losses, value-and-grad of the loss summed (GHM-C: its mean), dense soft "
+         "targets (~1% of the logits hold an IoU):", "",
+         "| loss | dtype | C | elements | jfocal ms | naive / jfocal | jfocal / sigmoid focal | "
+         "jfocal temp / logits | naive temp / logits |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.family != "extended" or not r.impl.startswith("jfocal "):
+      continue
+    name = r.impl[len("jfocal "):]
+    key = dict(family="extended", dtype=r.dtype, classes=r.classes, elements=r.elements,
+               mode=r.mode)
+    naive = _lookup(rows, impl=f"naive {name}", **key)
+    focal = _lookup(rows, impl="jfocal sigmoid_focal_loss", **key)
+    out.append(f"| {name} | {r.dtype} | {r.classes} | {r.elements} | {r.median_s * 1e3:.3f} | "
+               f"{naive.median_s / r.median_s:.2f} | {r.median_s / focal.median_s:.2f} | "
+               f"{fmt(r.temp_over_input)} | {fmt(naive.temp_over_input)} |")
+  return "\n".join(out) + "\n"
 
 
 def _rounds(elements: int, requested: int | None) -> int:
@@ -222,7 +345,7 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
   out.append("| " + " | ".join(header) + " |")
   out.append("|" + "---|" * len(header))
   for r in rows:
-    if r.impl != "jfocal":
+    if r.impl != "jfocal" or r.family not in FAMILIES:
       continue
     key = dict(family=r.family, dtype=r.dtype, classes=r.classes, elements=r.elements,
                mode=r.mode)
@@ -238,7 +361,7 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
         f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
         f"{checked.median_s / r.median_s:.2f} | "
         f"{fmt(r.temp_over_input)} | {fmt(peer.temp_over_input)} | {r.compile_s:.2f} |")
-  return "\n".join(out) + "\n"
+  return "\n".join(out) + "\n" + extended_markdown(rows)
 
 
 def plot(rows: list[Row], path: pathlib.Path) -> None:
@@ -246,7 +369,7 @@ def plot(rows: list[Row], path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  families = sorted({r.family for r in rows})
+  families = sorted({r.family for r in rows if r.family in FAMILIES})
   fig, axes = plt.subplots(1, len(families), figsize=(6 * len(families), 4.5), squeeze=False)
   for ax, family in zip(axes[0], families):
     per_classes = {}
@@ -277,6 +400,9 @@ def main() -> None:
   parser.add_argument("--classes", type=int, nargs="*", default=[1, 16, 80])
   parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
   parser.add_argument("--rounds", type=int, default=None, help="timed rounds per case")
+  parser.add_argument("--extended-size", type=int, default=20,
+                      help="log2 of the logits of the extended losses' single case (C is the "
+                      "largest --classes); at most the largest --sizes")
   parser.add_argument("--out", type=pathlib.Path, default=HERE)
   args = parser.parse_args()
   if args.quick:
@@ -303,6 +429,12 @@ def main() -> None:
                            _rounds(elements, args.rounds), rng)
           print(f"  {family:7s} {dtype:8s} C={classes_here:<3d} {elements:>8d} logits done "
                 f"({time.perf_counter() - started:.0f} s)", flush=True)
+  extended_elements = 2 ** min(args.extended_size, max(args.sizes))
+  for dtype in args.dtypes:
+    rows += run_extended(jnp.dtype(dtype), max(args.classes), extended_elements,
+                         _rounds(extended_elements, args.rounds), rng)
+    print(f"  extended {dtype:8s} C={max(args.classes):<3d} {extended_elements:>8d} logits done "
+          f"({time.perf_counter() - started:.0f} s)", flush=True)
   lines = headline(rows)
   if backend == "gpu":
     peak = _device_peak_bandwidth(rng)

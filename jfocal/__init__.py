@@ -1,11 +1,17 @@
-"""jfocal: exact, finite and fast cross-entropy, balanced cross-entropy and focal losses for JAX.
+"""jfocal: exact, finite and fast cross-entropy, focal and related losses for JAX.
 
 Pure, jittable functions with optax-style signatures ``loss(logits, labels,
 *, options)``, unreduced by default. See the README for the guarantees.
 """
 
-from jfocal._alpha import alpha_from_counts, background_alpha, prior_bias_init
+from jfocal._alpha import (alpha_from_counts, background_alpha, class_balanced_alpha,
+                           prior_bias_init)
 from jfocal._checked import checked
+from jfocal._focal_star import sigmoid_focal_loss_star
+from jfocal._ghm import ghmc_init, ghmc_loss
+from jfocal._normalizer import ema_normalizer, ema_normalizer_init
+from jfocal._poly import poly1_cross_entropy, poly1_focal_loss
+from jfocal._quality import quality_focal_loss, varifocal_loss
 from jfocal._sigmoid import sigmoid_balanced_cross_entropy, sigmoid_cross_entropy, sigmoid_focal_loss
 from jfocal._softmax import softmax_balanced_cross_entropy, softmax_cross_entropy, softmax_focal_loss
 
@@ -15,11 +21,21 @@ __all__ = [
     "alpha_from_counts",
     "background_alpha",
     "checked",
+    "class_balanced_alpha",
+    "ema_normalizer",
+    "ema_normalizer_init",
+    "ghmc_init",
+    "ghmc_loss",
+    "poly1_cross_entropy",
+    "poly1_focal_loss",
     "prior_bias_init",
+    "quality_focal_loss",
     "sigmoid_balanced_cross_entropy",
     "sigmoid_cross_entropy",
     "sigmoid_focal_loss",
+    "sigmoid_focal_loss_star",
     "softmax_balanced_cross_entropy",
     "softmax_cross_entropy",
     "softmax_focal_loss",
+    "varifocal_loss",
 ]

@@ -52,6 +52,79 @@ def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
   return jnp.where(total > 0, n / jnp.where(total > 0, total, 1), 0.5)
 
 
+def class_balanced_alpha(counts: Any, *, beta: float = 0.999) -> jax.Array:
+  r"""Per-class weights from the effective number of samples (class-balanced loss).
+
+  A class with :math:`n` samples has the effective number
+  :math:`E_n = (1 - \beta^n) / (1 - \beta)`; its weight is proportional to
+  :math:`1 / E_n`, and the weights are scaled to sum to the number of classes
+  ``C``:
+
+  .. math::
+    w_c = C \, \frac{1 / E_{n_c}}{\sum_k 1 / E_{n_k}}.
+
+  ``beta = 0`` gives equal weights (1 each), ``beta -> 1`` inverse class
+  frequency. :math:`1 - \beta^n` is computed as ``-expm1(n log beta)``, exact
+  for ``beta`` close to 1 and for any count; the common factor ``1 - beta``
+  cancels. A class with no samples is weighted as if it had one.
+
+  Use them as ``alpha`` of the softmax family (``alpha=w``; for integer
+  labels the same as ``weights=w[class_ids]``). Cui et al. weight every term
+  of an example by the weight of its ground-truth class, which for the
+  sigmoid family is ``weights=w[class_ids][..., None]`` (give background
+  anchors, id ``C``, a weight of their own, e.g. by appending 1 to ``w``): a
+  per-class ``alpha`` of the sigmoid family must lie in [0, 1], as negatives
+  get ``1 - alpha``, and weights summing to ``C`` exceed 1 unless all classes
+  are equally frequent.
+
+  Args:
+    counts: number of training samples per class, a vector of shape ``(C,)``
+      of integers or floats >= 0.
+    beta: a static Python number in [0, 1); the paper uses 0.9, 0.99, 0.999 or
+      0.9999.
+
+  Returns:
+    Weights of shape ``(C,)`` summing to ``C``, in float32 (float64 for
+    float64 counts).
+
+  Examples:
+    >>> import jax.numpy as jnp, jfocal
+    >>> w = jfocal.class_balanced_alpha(jnp.array([1000, 100, 10]), beta=0.99)
+    >>> [round(float(v), 4) for v in w]  # sums to 3
+    [0.2301, 0.363, 2.4068]
+    >>> logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 1.5]])
+    >>> class_ids = jnp.array([0, 2])
+    >>> loss = jfocal.softmax_balanced_cross_entropy(logits, class_ids, alpha=w)
+    >>> [round(float(v), 4) for v in loss]
+    [0.0555, 1.0064]
+
+  References:
+    Cui et al., `Class-Balanced Loss Based on Effective Number of Samples
+    <https://arxiv.org/abs/1901.05555>`_, CVPR 2019.
+  """
+  beta = _validation.static_number(beta, "beta", minimum=0.0, maximum=1.0)
+  if beta == 1.0:
+    raise ValueError("beta must lie in [0, 1) (beta = 1 would make every effective number "
+                     "0); got 1.0. For inverse class frequency use a beta close to 1, "
+                     "e.g. 0.9999")
+  if _validation.is_concrete(counts) and np.any(np.asarray(counts) < 0):
+    raise ValueError(f"counts must be >= 0; got {counts}")
+  counts = _validation.as_array(counts, "counts")
+  _validation.require_kind(counts, (int, float),
+                           message=f"counts must be real numbers; got dtype {counts.dtype}")
+  if counts.ndim != 1 or counts.shape[0] == 0:
+    raise ValueError(f"counts must be a vector with one count per class, shape (C,) with "
+                     f"C >= 1; got shape {counts.shape}")
+  dtype = _validation.wide_float(counts.dtype)
+  counts = jnp.maximum(counts.astype(dtype), 1)
+  if beta == 0.0:
+    inverse_effective = jnp.ones_like(counts)
+  else:
+    # 1 / E_n up to the common factor 1 - beta; log(beta) in double precision.
+    inverse_effective = 1 / -jnp.expm1(counts * math.log(beta))
+  return counts.shape[0] * inverse_effective / jnp.sum(inverse_effective)
+
+
 def background_alpha(alpha: float, num_classes: int, *, background_index: int = 0,
                      dtype: Any = jnp.float32) -> jax.Array:
   r"""Per-class alpha ``[alpha, 1 - alpha, ..., 1 - alpha]`` for a softmax detector.

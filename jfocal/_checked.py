@@ -24,7 +24,8 @@ def checked(loss_fn: Callable[..., jax.Array], *,
   - integer labels are class ids (``[0, C)``; ``[0, C]`` for the sigmoid
     family, where ``C`` is background) or equal ``ignore_index``;
   - float labels lie in [0, 1];
-  - ``weights`` are finite and >= 0, ``alpha`` lies in [0, 1], an array or
+  - ``weights`` are finite and >= 0, ``alpha`` lies in [0, 1] (sigmoid) or is
+    finite and >= 0 (softmax), an array or
     number ``normalizer`` is finite and > 0;
   - with ``finite_logits=True``, every logit is finite.
 
@@ -134,7 +135,11 @@ def _check_values(family: str, logits: Any, labels: Any, options: dict[str, Any]
              "weights must be finite and >= 0")
   if options.get("alpha") is not None:
     alpha = jnp.asarray(options["alpha"])
-    _require((alpha >= 0) & (alpha <= 1), alpha, "alpha", "alpha must lie in [0, 1]")
+    if family == "sigmoid":  # negatives get 1 - alpha
+      _require((alpha >= 0) & (alpha <= 1), alpha, "alpha", "alpha must lie in [0, 1]")
+    else:
+      _require(jnp.isfinite(alpha) & (alpha >= 0), alpha, "alpha",
+               "alpha must be finite and >= 0")
   normalizer = options.get("normalizer")
   if normalizer is not None and not isinstance(normalizer, str):
     normalizer = jnp.asarray(normalizer)

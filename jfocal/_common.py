@@ -54,17 +54,23 @@ REFERENCE_DOC = """
 
 
 def document_loss(summary: str, formula: str, args: str, example: str,
-                  returns: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-  """Assembles a loss docstring: formula, Args (with the common keywords), Returns, example."""
+                  returns: str = "", references: str = "",
+                  common_args: str = COMMON_ARGS_DOC
+                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+  """Assembles a loss docstring: formula, Args (with the common keywords), Returns, example.
+
+  ``references`` are cited after Lin et al.; ``common_args`` replaces the
+  common keywords' entries for a loss that takes only some of them.
+  """
   def decorate(fn):
-    fn.__doc__ = (f"{summary}\n{formula}\n  Args:{args}{COMMON_ARGS_DOC}\n"
+    fn.__doc__ = (f"{summary}\n{formula}\n  Args:{args}{common_args}\n"
                   f"  Returns:{COMMON_RETURNS_DOC}{returns}\n"
-                  f"  Examples:\n{example}\n{REFERENCE_DOC}")
+                  f"  Examples:\n{example}\n{REFERENCE_DOC}{references}")
     return fn
   return decorate
 
 
-def one_program(*static: str, probabilities: tuple[str, ...] = ("alpha",)):
+def one_program(*static: str, bounds: dict[str, float] | None = None):
   """Runs a loss's body as one ``jax.jit`` program, also when it is called eagerly.
 
   Eagerly, JAX would run every operation as its own kernel, while under a
@@ -73,10 +79,12 @@ def one_program(*static: str, probabilities: tuple[str, ...] = ("alpha",)):
   what the jitted one does. The options named in ``static`` (and a string or
   absent ``normalizer``) specialise the program and key its cache; every other
   option is traced, so new values of ``alpha``, ``weights`` or ``where`` never
-  recompile. Options named in ``probabilities`` are checked to lie in [0, 1]
-  here, where their concrete values are still known.
+  recompile. Options named in ``bounds`` (default: ``alpha``, bound 1) are
+  checked to lie in [0, bound] here, where their concrete values are still
+  known.
   """
   static = frozenset(static)
+  bounds = {"alpha": 1.0} if bounds is None else bounds
 
   def decorate(body):
     traced_normalizer = jax.jit(body, static_argnames=tuple(static))
@@ -89,8 +97,8 @@ def one_program(*static: str, probabilities: tuple[str, ...] = ("alpha",)):
           options[name] = _validation.static_option(value, name)
         elif isinstance(value, (list, tuple)):
           options[name] = _validation.as_array(value, name)
-      for name in probabilities:
-        _validation.check_concrete_probabilities(options.get(name), name)
+      for name, maximum in bounds.items():
+        _validation.check_probabilities(options.get(name), name, maximum=maximum)
       logits = _validation.as_array(logits, "logits")
       labels = _validation.as_array(labels, "labels")
       normalizer = options.get("normalizer")
@@ -101,6 +109,15 @@ def one_program(*static: str, probabilities: tuple[str, ...] = ("alpha",)):
     return run
 
   return decorate
+
+
+def per_class_values(values: jax.Array, class_ids: jax.Array) -> jax.Array:
+  """``values[class_ids]``, sharded like ``class_ids``.
+
+  Under a mesh with explicit axes JAX cannot infer the sharding of a gather
+  from a replicated table, so it is stated: the table is small, the ids are not.
+  """
+  return values.at[class_ids].get(out_sharding=jax.typeof(class_ids).sharding)
 
 
 def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
@@ -133,7 +150,30 @@ def count(mask: jax.Array | None, shape: tuple[int, ...], dtype: Any) -> jax.Arr
 
 
 def global_sum(value: jax.Array, axis_name: Any) -> jax.Array:
-  return value if axis_name is None else jax.lax.psum(value, axis_name)
+  """``value`` summed over the mapped axis ``axis_name``, differentiated as one device's share.
+
+  Inside ``shard_map``, JAX types the per-device value as varying over the
+  axis and transposes ``psum`` exactly: the gradient with respect to local
+  inputs is their share of the global gradient, and with respect to
+  replicated parameters it is summed over devices by JAX itself. Without that
+  typing (``pmap``, ``shard_map(check_vma=False)``) the transpose of ``psum``
+  sums the cotangents of all devices, which would scale gradients by the
+  device count; there only the local value is differentiated.
+  """
+  if axis_name is None:
+    return value
+  total = jax.lax.psum(value, axis_name)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if set(names) <= _varying_axes(value):
+    return total
+  return value + jax.lax.stop_gradient(total - value)
+
+
+def _varying_axes(value: jax.Array) -> frozenset:
+  """The mapped axes over which ``shard_map`` types ``value`` as varying (JAX >= 0.7)."""
+  aval = jax.typeof(value)
+  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; earlier releases call it vma
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array | None,

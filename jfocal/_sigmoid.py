@@ -23,7 +23,7 @@ sign of ``x``.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -99,10 +99,27 @@ def _focal_term_jvp(gamma, primals, tangents):
   return value, tangent
 
 
-@_common.one_program("gamma", "ignore_index", "label_smoothing", "reduction", "axis_name")
-def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: Any,
-                  where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
-                  normalizer: Any, axis_name: Any) -> jax.Array:
+class SigmoidInputs(NamedTuple):
+  """Checked, masked inputs of a sigmoid-family loss (see `sigmoid_inputs`)."""
+  x: jax.Array              # logits in the compute dtype, 0 where masked
+  y: jax.Array              # targets (scored, smoothed), 0 where masked
+  targets: jax.Array        # hard targets before scores and smoothing: positives are > 0
+  mask: jax.Array | None    # where & ignore_index, broadcast to x
+  invalid: jax.Array | None  # out-of-range class ids
+  weights: jax.Array | None
+  gamma: float
+  dtype: Any                # compute dtype
+  out_dtype: Any            # dtype of the unreduced loss
+
+
+def sigmoid_inputs(logits: Any, labels: Any, *, gamma: Any, weights: Any, where: Any,
+                   ignore_index: Any, label_smoothing: Any, reduction: Any, normalizer: Any,
+                   scores: Any = None) -> SigmoidInputs:
+  """The label handling every sigmoid loss shares: class ids or dense targets, masks.
+
+  ``scores`` (float, one per anchor, with integer ids only) replace the 1 of
+  each anchor's class column, for the soft-target losses of jfocal._quality.
+  """
   logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
@@ -125,9 +142,14 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
     invalid = ~valid[..., None]
     class_ids = jnp.arange(num_classes, dtype=labels.dtype)
     hard_targets = labels[..., None] == class_ids
+    if scores is not None:
+      scores = _validation.check_scores(scores, labels.shape)
   else:
     _validation.check_same_shape(labels, logits, "float or bool")
     hard_targets = labels
+    if scores is not None:
+      raise ValueError("scores go with integer class ids; dense float targets carry their "
+                       "scores themselves")
   mask, weights = _common.user_mask_and_weights(where, weights, shape)
   mask = _common.combine_masks(mask, ignore_mask)
 
@@ -139,18 +161,52 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
     x = jnp.where(mask, x, 0)
     targets = jnp.where(mask, targets, 0)
     invalid = None if invalid is None else invalid & mask
-  y = _common.smooth(targets, label_smoothing, 2)
+  y = targets
+  if scores is not None:
+    # Selected by the (masked) class column, so a masked anchor's score never reaches the loss.
+    y = jnp.where(targets > 0, scores.astype(dtype)[..., None], 0)
+  y = _common.smooth(y, label_smoothing, 2)
+  return SigmoidInputs(x, y, targets, mask, invalid, weights, gamma, dtype, logits.dtype)
 
-  loss = focal_term(x, y, gamma)
-  if alpha is not None:
-    alpha = _validation.check_alpha(
-        alpha, shape[-1] if shape else None, allow_scalar=True).astype(dtype)
-    loss = _common.scale(loss, alpha * y + (1 - alpha) * (1 - y))
-  loss = _common.invalid_to_nan(loss, invalid)
+
+def checked_alpha(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
+  """A number or a per-class vector in [0, 1], in the compute dtype, or None."""
+  if alpha is None:
+    return None
+  shape = inputs.x.shape
+  return _validation.check_alpha(alpha, shape[-1] if shape else None,
+                                 allow_scalar=True).astype(inputs.dtype)
+
+
+def alpha_t(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
+  """``alpha y + (1 - alpha)(1 - y)``, or None without alpha."""
+  alpha = checked_alpha(alpha, inputs)
+  return None if alpha is None else alpha * inputs.y + (1 - alpha) * (1 - inputs.y)
+
+
+def sigmoid_reduce(loss: jax.Array, inputs: SigmoidInputs, *, reduction: Any, normalizer: Any,
+                   axis_name: Any) -> jax.Array:
+  """NaN for out-of-range ids, then weights, mask and the reduction."""
+  loss = _common.invalid_to_nan(loss, inputs.invalid)
   return _common.reduce_loss(
-      loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
-      positives=lambda: jnp.sum(targets > 0), out_dtype=logits.dtype,
-      axis_name=axis_name)
+      loss, mask=inputs.mask, weights=inputs.weights, reduction=reduction,
+      normalizer=normalizer, positives=lambda: jnp.sum(inputs.targets > 0),
+      out_dtype=inputs.out_dtype, axis_name=axis_name)
+
+
+@_common.one_program("gamma", "ignore_index", "label_smoothing", "reduction", "axis_name")
+def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: Any,
+                  where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
+                  normalizer: Any, axis_name: Any) -> jax.Array:
+  inputs = sigmoid_inputs(logits, labels, gamma=gamma, weights=weights, where=where,
+                          ignore_index=ignore_index, label_smoothing=label_smoothing,
+                          reduction=reduction, normalizer=normalizer)
+  loss = focal_term(inputs.x, inputs.y, inputs.gamma)
+  weight = alpha_t(alpha, inputs)
+  if weight is not None:
+    loss = _common.scale(loss, weight)
+  return sigmoid_reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
+                        axis_name=axis_name)
 
 
 _FORMULA = r"""

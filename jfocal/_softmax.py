@@ -15,6 +15,7 @@ target logit and subtract ``logsumexp``: no one-hot tensor is ever built.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
@@ -98,14 +99,24 @@ def _class_axis(axis: Any, shape: tuple[int, ...]) -> int:
   return axis % ndim
 
 
+# Softmax alpha weights only the target class's term, so any finite weight >= 0
+# is meaningful (e.g. class_balanced_alpha's, which sum to C).
 @_common.one_program("gamma", "axis", "ignore_index", "label_smoothing", "reduction",
-                     "axis_name")
+                     "axis_name", "core", bounds={"alpha": math.inf})
 def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any, weights: Any,
                   where: Any, ignore_index: Any, label_smoothing: Any, reduction: Any,
-                  normalizer: Any, axis_name: Any) -> jax.Array:
+                  normalizer: Any, axis_name: Any, core: Any = None,
+                  core_parameter: Any = None) -> jax.Array:
+  """The softmax family; ``core(l, core_parameter)`` (a module-level function, static)
+  replaces the focal term, as jfocal._poly does."""
   logits, labels, dtype, gamma, ignore_index, label_smoothing = _common.prepare_common(
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
+  if core is None:
+    term = lambda l: focal_term(l, gamma)
+  else:
+    parameter = core_parameter.astype(dtype)
+    term = lambda l: core(l, parameter)
   axis = _class_axis(axis, logits.shape)
   num_classes = logits.shape[axis]
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
@@ -115,7 +126,8 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
           "alpha of a softmax loss must be a per-class vector of shape "
           f"({num_classes},); got a number. For the background-style vector "
           "[alpha, 1 - alpha, ...] use jfocal.background_alpha(alpha, num_classes)")
-    alpha = _validation.check_alpha(alpha, num_classes, allow_scalar=False).astype(dtype)
+    alpha = _validation.check_alpha(alpha, num_classes, allow_scalar=False,
+                                    maximum=math.inf).astype(dtype)
   mask, weights = _common.user_mask_and_weights(where, weights, shape)
   x = logits.astype(dtype)
 
@@ -140,12 +152,12 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
     positives = in_range if mask is None else in_range & mask
     shifted, log_normalizer = _log_softmax_parts(x, axis)
     target_logit = jnp.take_along_axis(shifted, jnp.expand_dims(class_ids, axis), axis=axis)
-    loss = focal_term(jnp.squeeze(target_logit - log_normalizer, axis), gamma)
+    loss = term(jnp.squeeze(target_logit - log_normalizer, axis))
     if alpha is not None:
-      loss = _common.scale(loss, alpha[class_ids])
+      loss = _common.scale(loss, _common.per_class_values(alpha, class_ids))
     if label_smoothing:
       # (1 - eps) one_hot + eps / C, expanded so that the one-hot never exists.
-      uniform = per_class(focal_term(shifted - log_normalizer, gamma), jnp.ones((), dtype))
+      uniform = per_class(term(shifted - log_normalizer), jnp.ones((), dtype))
       loss = _common.scale(loss, 1 - label_smoothing) + label_smoothing / num_classes * uniform
     loss = _common.invalid_to_nan(loss, invalid)
   else:
@@ -158,7 +170,7 @@ def _softmax_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, axis: Any
     positives = jnp.sum(targets, axis=axis) > 0
     targets = _common.smooth(targets, label_smoothing, num_classes)
     shifted, log_normalizer = _log_softmax_parts(x, axis)
-    loss = per_class(focal_term(shifted - log_normalizer, gamma), targets)
+    loss = per_class(term(shifted - log_normalizer), targets)
   return _common.reduce_loss(
       loss, mask=mask, weights=weights, reduction=reduction, normalizer=normalizer,
       positives=lambda: jnp.sum(positives), out_dtype=logits.dtype,
@@ -179,8 +191,9 @@ _UNREDUCED_SHAPE = """    The unreduced loss has the shape of ``logits`` without
 """
 
 _ALPHA = """
-    alpha: per-class weights of shape ``(C,)`` in [0, 1] weighting each
-      target class's term (see :func:`jfocal.background_alpha`)."""
+    alpha: per-class weights of shape ``(C,)``, finite and >= 0, weighting
+      each target class's term (see :func:`jfocal.background_alpha` and
+      :func:`jfocal.class_balanced_alpha`)."""
 
 _GAMMA = """
     gamma: focusing parameter, a static Python number >= 0 (integers become

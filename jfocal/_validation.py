@@ -98,17 +98,9 @@ def static_option(value: Any, name: str) -> Any:
   try:
     hash(value)
   except TypeError:
-    raise TypeError(f"{name} must be a Python number, string or None; got {value!r}") from None
+    raise TypeError(f"{name} must be a static Python value (a number, string, tuple or "
+                    f"None); got {value!r}") from None
   return value
-
-
-def check_concrete_probabilities(values: Any, name: str) -> None:
-  """Checks concrete real values in [0, 1]; tracers, None and non-real dtypes pass to later checks."""
-  if values is None or not is_concrete(values):
-    return
-  array = as_array(values, name)
-  if jnp.issubdtype(array.dtype, jnp.integer) or jnp.issubdtype(array.dtype, jnp.floating):
-    check_probabilities(values, name)
 
 
 def check_gamma(gamma: Any) -> float:
@@ -119,23 +111,30 @@ def check_label_smoothing(label_smoothing: Any) -> float:
   return static_number(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0)
 
 
-def check_probabilities(values: Any, name: str) -> None:
-  """Checks that concrete values lie in [0, 1]; traced arrays are left alone.
+def check_probabilities(values: Any, name: str, *, maximum: float = 1.0) -> None:
+  """Checks that concrete values lie in [0, maximum] (finite and >= 0 for an infinite maximum).
 
-  Takes the caller's object rather than a `jnp` array made from it: under
-  `jax.jit` even a Python constant becomes a tracer once converted.
+  Traced arrays are left alone. Takes the caller's object rather than a `jnp`
+  array made from it: under `jax.jit` even a Python constant becomes a tracer
+  once converted. None and non-real dtypes are left to the checks of the
+  argument's kind.
   """
-  if not is_concrete(values):
+  if values is None or not is_concrete(values):
+    return
+  dtype = as_array(values, name).dtype
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
     return
   host = np.asarray(values, dtype=np.float64)
-  bad = ~((host >= 0.0) & (host <= 1.0))
+  bad = ~((host >= 0.0) & (host <= maximum) & np.isfinite(host))
   if bad.any():
     index = tuple(int(i) for i in np.argwhere(bad)[0]) if host.ndim else ()
-    raise ValueError(f"{name} must lie in [0, 1]; got {host[index]!r} at index {index}")
+    expected = f"lie in [0, {maximum:g}]" if math.isfinite(maximum) else "be finite and >= 0"
+    raise ValueError(f"{name} must {expected}; got {host[index]!r} at index {index}")
 
 
-def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> jax.Array:
-  """A number (if allowed) or a per-class vector of length `num_classes`, in [0, 1].
+def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool,
+                maximum: float = 1.0) -> jax.Array:
+  """A number (if allowed) or a per-class vector of length `num_classes`, in [0, maximum].
 
   `num_classes` is None for logits without a class axis, where only a number fits.
   """
@@ -145,7 +144,7 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> j
   expected = f"a per-class vector of shape ({num_classes},)"
   if allow_scalar:
     if alpha.ndim == 0:
-      check_probabilities(raw, "alpha")
+      check_probabilities(raw, "alpha", maximum=maximum)
       return alpha
     if num_classes is None:
       raise ValueError(f"alpha must be a number for logits without a class axis; "
@@ -156,7 +155,7 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> j
   require(chex.assert_shape, alpha, (num_classes,),
           message=f"alpha must have one entry per class, shape ({num_classes},); "
           f"got shape {alpha.shape}")
-  check_probabilities(raw, "alpha")
+  check_probabilities(raw, "alpha", maximum=maximum)
   return alpha
 
 
@@ -232,3 +231,37 @@ def check_class_id_shape(labels: jax.Array, expected: tuple[int, ...], hint: str
   require(chex.assert_shape, labels, expected,
           message=f"integer class-id labels must have shape {expected} ({hint}); "
           f"got {labels.shape}")
+
+
+def check_scalar_parameter(value: Any, name: str, *, minimum: float = -math.inf,
+                           maximum: float = math.inf, open_maximum: bool = False) -> jax.Array:
+  """A real scalar that may be traced, as an array; its value is checked when concrete."""
+  if isinstance(value, (str, bool, np.bool_)) or value is None:
+    raise TypeError(f"{name} must be a real number or a scalar array; got {value!r}")
+  array = as_array(value, name)
+  require_kind(array, (float, int), message=f"{name} must be a real number; got dtype {array.dtype}")
+  require(chex.assert_rank, array, 0,
+          message=f"{name} must be a scalar (a number or a 0-d array); got shape {array.shape}")
+  if is_concrete(value):
+    number = float(np.asarray(value))
+    above = number < maximum if open_maximum else number <= maximum
+    if not (math.isfinite(number) and minimum <= number and above):
+      if math.isfinite(minimum) and math.isfinite(maximum):
+        bounds = f" in [{minimum:g}, {maximum:g}{')' if open_maximum else ']'}"
+      elif math.isfinite(minimum):
+        bounds = f" >= {minimum:g}"
+      else:
+        bounds = ""
+      raise ValueError(f"{name} must be a finite number{bounds}; got {number!r}")
+  return array
+
+
+def check_scores(scores: Any, shape: tuple[int, ...]) -> jax.Array:
+  """Per-anchor quality scores: floats with the shape of the class ids."""
+  scores = as_array(scores, "scores")
+  require_kind(scores, (float,), message=f"scores must be float quality targets in [0, 1]; "
+               f"got dtype {scores.dtype}")
+  if scores.shape != shape:
+    raise ValueError(f"scores must have the shape of the class ids {shape}, one score per "
+                     f"anchor; got shape {scores.shape}")
+  return scores

@@ -188,3 +188,54 @@ print("integer ids (jfocal):",
       jfocal.sigmoid_focal_loss(anchor_logits, class_ids, alpha=0.25, reduction="sum"))
 print("one-hot (optax):     ",
       jnp.sum(optax.sigmoid_focal_loss(anchor_logits, one_hot, alpha=0.25)))
+
+# %% [markdown]
+# ## Beyond focal loss: the rest of the family against $p_t$
+#
+# The same positive ($y = 1$) seen through the losses that followed focal loss, each next to
+# CE (grey) and focal loss with $\gamma = 2$ (dashed):
+#
+# - **FL\*** (appendix of Lin et al.): $-\log\sigma(\gamma x_t + \beta)/\gamma$, a shifted,
+#   sharpened softplus that also down-weights easy examples;
+# - **Poly-1** (Leng et al., ICLR 2022): focal loss plus $\varepsilon (1 - p_t)^{\gamma + 1}$;
+#   $\varepsilon < 0$ flattens the hard end, $\varepsilon > 0$ steepens it;
+# - **quality focal loss** (GFL, Li et al., NeurIPS 2020): soft IoU targets $q$, modulated by
+#   $|q - \sigma(x)|^\beta$, so its minimum sits at $\sigma(x) = q$, not at 1;
+# - **varifocal loss** (Zhang et al., CVPR 2021): positives weighted by their IoU target and
+#   only negatives focused;
+# - **GHM-C** (Li et al., AAAI 2019): cross-entropy re-weighted by the inverse density of the
+#   gradient norm $|\sigma(x) - y|$ in the batch. Here the batch is mostly easy examples, so
+#   easy ones are down-weighted and the rare hard ones up-weighted.
+
+# %%
+probe_p = jnp.linspace(0.005, 0.995, 400)
+probe_x = jnp.log(probe_p) - jnp.log1p(-probe_p)
+ones = jnp.ones_like(probe_x)
+# GHM-C weights depend on the batch: 2000 mostly easy examples plus the probe points.
+easy_p = jax.random.beta(jax.random.key(2), 8.0, 1.0, (2000,)).clip(1e-4, 1 - 1e-4)
+batch_x = jnp.concatenate([jnp.log(easy_p) - jnp.log1p(-easy_p), probe_x])
+ghm, _ = jfocal.ghmc_loss(batch_x, jnp.ones_like(batch_x), bins=10)
+panels = {
+    "FL*": [(jfocal.sigmoid_focal_loss_star(probe_x, ones, alpha=None, gamma=g, beta=b),
+             f"γ={g:g}, β={b:g}") for g, b in ((2.0, 1.0), (4.0, 0.0))],
+    "Poly-1 focal": [(jfocal.poly1_focal_loss(probe_x, ones, alpha=None, gamma=2.0, epsilon=e),
+                      f"ε={e:g}") for e in (-1.0, 1.0, 3.0)],
+    "quality focal, IoU target q": [(jfocal.quality_focal_loss(probe_x, q * ones, beta=2.0),
+                                     f"β=2, q={q:g} (x axis: σ(x))") for q in (1.0, 0.6)],
+    "varifocal": [(jfocal.varifocal_loss(probe_x, q * ones), f"positive, q={q:g}")
+                  for q in (1.0, 0.6)]
+                 + [(jfocal.varifocal_loss(-probe_x, 0 * ones), "negative (p = 1 − p_t)")],
+    "GHM-C, 10 bins": [(ghm[2000:], "β · CE in a batch of easy examples")],
+}
+fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True)
+for ax, (title, curves) in zip(axes, panels.items()):
+  ax.plot(probe_p, jfocal.sigmoid_cross_entropy(probe_x, ones), color="0.75", lw=1, label="CE")
+  ax.plot(probe_p, focal(probe_x, ones, 2.0), color="0.3", ls="--", lw=1.5, label="focal γ=2")
+  for values, label in curves:
+    ax.plot(probe_p, values, lw=1.8, label=label)
+  ax.set(title=title, xlabel="$p_t$", ylim=(0, 5))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+axes[0].set_ylabel("loss")
+fig.tight_layout()
+plt.show()

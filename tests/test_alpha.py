@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import jfocal
+from conftest import assert_close
 
 
 def test_alpha_from_counts_balances_total_weights(transform):
@@ -52,3 +53,16 @@ def test_prior_bias_init_gives_sigmoid_of_bias_equal_to_prior(prior):
 def test_prior_bias_init_rejects_degenerate_priors(prior):
   with pytest.raises(ValueError, match="prior"):
     jfocal.prior_bias_init(prior)
+
+
+def test_class_balanced_weights_are_a_softmax_alpha(transform):
+  """Weights summing to C (some above 1) weight each target class's term, as weights= would."""
+  alpha = jfocal.class_balanced_alpha(jnp.array([900, 90, 9]), beta=0.99)
+  assert float(jnp.max(alpha)) > 1
+  rng = np.random.default_rng(5)
+  logits = jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)
+  ids = jnp.array([0, 1, 2, 2, 1, 0])
+  for loss in (jfocal.softmax_balanced_cross_entropy, jfocal.softmax_focal_loss):
+    weighted = transform(lambda x, a: loss(x, ids, alpha=a, reduction="sum"))(logits, alpha)
+    expected = jnp.sum(loss(logits, ids, alpha=jnp.ones(3)) * np.asarray(alpha)[ids])
+    assert_close(weighted, expected, jnp.float32)

@@ -1,4 +1,4 @@
-"""The keywords all six losses share: reductions, masks, weights, normalisers, dtypes, transforms."""
+"""The keywords every loss shares: reductions, masks, weights, normalisers, dtypes, transforms."""
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +22,14 @@ LOSSES = {
                                        {"alpha": SOFTMAX_ALPHA}),
     "softmax_focal_loss": (jfocal.softmax_focal_loss, "softmax",
                            {"gamma": 0.5, "alpha": SOFTMAX_ALPHA}),
+    # The extended family (tests/test_extended_losses.py); ghmc_loss returns
+    # (loss, state) and has its own tests of the common keywords there.
+    "poly1_cross_entropy": (jfocal.poly1_cross_entropy, "softmax", {"epsilon": 1.5}),
+    "poly1_focal_loss": (jfocal.poly1_focal_loss, "sigmoid", {"epsilon": 0.5, "gamma": 1.5}),
+    "quality_focal_loss": (jfocal.quality_focal_loss, "sigmoid", {"beta": 1.5}),
+    "sigmoid_focal_loss_star": (jfocal.sigmoid_focal_loss_star, "sigmoid",
+                                {"gamma": 2.0, "beta": 1.0}),
+    "varifocal_loss": (jfocal.varifocal_loss, "sigmoid", {"gamma": 1.5}),
 }
 
 

@@ -10,7 +10,11 @@ import pytest
 
 import jfocal
 
-LOSSES = [name for name in jfocal.__all__ if "entropy" in name or "focal" in name]
+LOSSES = [name for name in jfocal.__all__
+          if "entropy" in name or "focal" in name or name == "ghmc_loss"]
+# The IoU-aware losses name their targets as the contract does, and take
+# no label smoothing (it would make every IoU target positive).
+TARGETS = {"quality_focal_loss": "scores", "varifocal_loss": "targets"}
 MODULES = sorted({inspect.getmodule(getattr(jfocal, name)) for name in jfocal.__all__},
                  key=lambda module: module.__name__)
 
@@ -27,10 +31,10 @@ def test_public_function_has_a_complete_docstring(name):
 @pytest.mark.parametrize("name", LOSSES)
 def test_loss_signature_is_logits_labels_then_keyword_only(name):
   parameters = list(inspect.signature(getattr(jfocal, name)).parameters.values())
-  assert [p.name for p in parameters[:2]] == ["logits", "labels"]
+  assert [p.name for p in parameters[:2]] == ["logits", TARGETS.get(name, "labels")]
   assert all(p.kind is p.KEYWORD_ONLY for p in parameters[2:])
   common = {"weights", "where", "ignore_index", "label_smoothing", "reduction", "normalizer",
-            "axis_name"}
+            "axis_name"} - ({"label_smoothing"} if name in TARGETS else set())
   assert common <= {p.name for p in parameters}
   assert inspect.signature(getattr(jfocal, name)).parameters["reduction"].default == "none"
 

@@ -34,6 +34,9 @@ CASES = {
     "negative entry in an alpha vector": (
         lambda: jfocal.softmax_focal_loss(X3, IDS, alpha=np.array([0.2, -0.3, 0.1])),
         ValueError, ["alpha", "-0.3", "(1,)"]),
+    "infinite entry in a softmax alpha vector": (
+        lambda: jfocal.softmax_focal_loss(X3, IDS, alpha=np.array([0.2, 3.0, np.inf])),
+        ValueError, ["alpha", "finite and >= 0", "inf", "(2,)"]),
     "scalar alpha for softmax": (lambda: jfocal.softmax_focal_loss(X3, IDS, alpha=0.25),
                                  ValueError, ["alpha", "per-class", "background_alpha"]),
     "negative gamma": (lambda: jfocal.sigmoid_focal_loss(X3, IDS, gamma=-1.0),

@@ -85,8 +85,12 @@ def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction,
     assert bool(sizes) == reduces, f"a global reduction all-reduces partial sums; got {ops}"
 
 
-@pytest.mark.parametrize("reduction, normalizer", REDUCTIONS)
-@pytest.mark.parametrize("axes", [("data",), ("images", "anchors")])
+# Every reduction over one mesh axis; the detector's reduction also over two.
+MAPPED = ([(reduction, normalizer, ("data",)) for reduction, normalizer in REDUCTIONS]
+          + [("mean", "num_positives", ("images", "anchors"))])
+
+
+@pytest.mark.parametrize("reduction, normalizer, axes", MAPPED)
 def test_shard_map_with_axis_name_equals_one_device(loss, reduction, normalizer, axes):
   """Each device gets the global loss and its share of the global gradient."""
   fn, family = loss
