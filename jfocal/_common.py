@@ -170,10 +170,8 @@ def global_sum(value: jax.Array, axis_name: Any) -> jax.Array:
 
 
 def _varying_axes(value: jax.Array) -> frozenset:
-  """The mapped axes over which ``shard_map`` types ``value`` as varying (JAX >= 0.7)."""
-  aval = jax.typeof(value)
-  manual = getattr(aval, "manual_axis_type", None)  # JAX 0.10; earlier releases call it vma
-  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  """The mapped axes over which ``shard_map`` types ``value`` as varying."""
+  return jax.typeof(value).manual_axis_type.varying
 
 
 def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array | None,
