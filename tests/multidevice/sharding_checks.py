@@ -205,3 +205,28 @@ def test_data_parallel_training_steps_match_one_device(standard_promotion):
     got = train(as_step(step), params, features, ids, place=shard)
     for leaf, reference in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
       assert_close(leaf, reference, jnp.float32, what=f"{name} parameters after 4 steps")
+
+
+def test_ghmc_histogram_is_global_when_sharded_or_mapped():
+  """GHM-C's weights depend on the whole batch: sharded and mapped runs see all of it."""
+  logits, ids = batch("sigmoid")
+  state = jfocal.ghmc_init(5) + jnp.arange(5, dtype=jnp.float32)
+  loss = lambda x, y, s, **kw: jfocal.ghmc_loss(x, y, bins=5, momentum=0.5, state=s,
+                                                reduction="mean", **kw)
+  (expected, expected_state), expected_grad = jax.value_and_grad(loss, has_aux=True)(
+      logits, ids, state)
+
+  mesh = jax.make_mesh((4, 2), ("images", "anchors"))
+  spec = P("images", "anchors")
+  sharded = jax.device_put((logits, ids), NamedSharding(mesh, spec))
+  (value, new_state), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(*sharded, state)
+  mapped = jax.jit(jax.shard_map(
+      lambda x, y, s: jax.value_and_grad(loss, has_aux=True)(
+          x, y, s, axis_name=("images", "anchors")),
+      mesh=mesh, in_specs=(spec, spec, P()), out_specs=((P(), P()), spec)))
+  (mapped_value, mapped_state), mapped_grad = mapped(*sharded, state)
+  for got, got_state, got_grad in ((value, new_state, grad),
+                                   (mapped_value, mapped_state, mapped_grad)):
+    assert_close(got, expected, jnp.float32)
+    assert_close(got_state, expected_state, jnp.float32)
+    assert_close(got_grad, expected_grad, jnp.float32)
