@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jfocal
+from test_extended_losses import VALIDATION_CASES
 
 X3 = np.zeros((4, 3), np.float32)
 IDS = np.zeros((4,), np.int32)
@@ -74,6 +75,7 @@ CASES = {
                                 ValueError, ["at least one class", "(3, 0)"]),
     "scalar logits for softmax": (lambda: jfocal.softmax_cross_entropy(np.float32(1.0), 0),
                                   ValueError, ["class axis"]),
+    **VALIDATION_CASES,
 }
 
 
