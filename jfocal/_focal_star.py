@@ -60,11 +60,7 @@ def _focal_star_term_jvp(gamma, primals, tangents):
   x, y, beta = primals
   x_dot, y_dot, beta_dot = tangents
   value = focal_star_term.fun(x, y, beta, gamma)
-  # As in the sigmoid core: infinite logits clipped to the largest float give
-  # the limits of the derivatives, and fenced inputs keep the derivative's loop
-  # apart from the value's on the CPU.
-  big = jnp.finfo(x.dtype).max
-  x = _math.fence(jnp.clip(x, -big, big))
+  x = _math.derivative_logits(x)
   a, b, positive, negative = _parts(x, beta, gamma)
   pull_up = y * jax.nn.sigmoid(-a)            # from the positive side
   push_down = (1 - y) * jax.nn.sigmoid(b)     # from the negative side

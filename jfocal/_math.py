@@ -59,6 +59,19 @@ def fence(x: jax.Array) -> jax.Array:
   return lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
+def derivative_logits(x: jax.Array) -> jax.Array:
+  """Logits as a derivative rule reads them: clipped to the finite range, then fenced.
+
+  Clipping infinite logits to the largest float gives the limits of the
+  derivatives (every term that should vanish underflows to 0) without
+  ``inf * 0``; the fence makes the rule recompute its intermediates instead of
+  sharing them with the value, so that the value and the derivative are two
+  single-pass loops on the CPU (see :func:`fence`).
+  """
+  big = jnp.finfo(x.dtype).max
+  return fence(jnp.clip(x, -big, big))
+
+
 def log1p_of_unit(e: jax.Array) -> jax.Array:
   """``log1p(e)`` for ``e`` in [0, 1], about 1.5x faster than XLA's log1p on the CPU.
 

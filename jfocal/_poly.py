@@ -53,8 +53,7 @@ def _poly1_focal_term_jvp(gamma, primals, tangents):
   x, y, alpha_t, epsilon = primals
   x_dot, y_dot, alpha_dot, epsilon_dot = tangents
   value = poly1_focal_term.fun(x, y, alpha_t, epsilon, gamma)
-  big = jnp.finfo(x.dtype).max
-  f = _sigmoid._folded(_math.fence(jnp.clip(x, -big, big)), _math.fence(y), gamma)
+  f = _sigmoid._folded(_math.derivative_logits(x), _math.fence(y), gamma)
   weight, cross_entropy, likely_side = f["weight"], f["cross_entropy"], f["likely_side"]
   u, v, e, sigmoid_z = f["u"], f["v"], f["e"], f["sigmoid_z"]
   poly_power = gamma + 1

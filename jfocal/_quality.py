@@ -70,9 +70,8 @@ def _quality_focal_term_jvp(beta, primals, tangents):
   x, y = primals
   x_dot, y_dot = tangents
   value = quality_focal_term.fun(x, y, beta)
-  big = jnp.finfo(x.dtype).max
   f, delta, matched, log_abs_delta, weight = _quality_parts(
-      _math.fence(jnp.clip(x, -big, big)), _math.fence(y), beta)
+      _math.derivative_logits(x), _math.fence(y), beta)
   cross_entropy, z, log1p_e = f["cross_entropy"], f["z"], f["log1p_e"]
   sign = jnp.where(f["likely_side"], 1, -1).astype(value.dtype)
   direction = jnp.sign(delta)
@@ -132,8 +131,7 @@ def _varifocal_term_jvp(gamma, iou_weighted, primals, tangents):
   x, q, alpha = primals
   x_dot, q_dot, alpha_dot = tangents
   value = varifocal_term.fun(x, q, alpha, gamma, iou_weighted)
-  big = jnp.finfo(x.dtype).max
-  f = _sigmoid._folded(_math.fence(jnp.clip(x, -big, big)), _math.fence(q), gamma)
+  f = _sigmoid._folded(_math.derivative_logits(x), _math.fence(q), gamma)
   positive = q > 0
   cross_entropy, weight = f["cross_entropy"], f["weight"]
   sign = jnp.where(f["likely_side"], 1, -1).astype(value.dtype)
