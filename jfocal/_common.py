@@ -130,6 +130,11 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   return combined
 
 
+def combine_or(*masks: jax.Array | None) -> jax.Array | None:
+  present = [mask for mask in masks if mask is not None]
+  return functools.reduce(jnp.logical_or, present) if present else None
+
+
 def smooth(targets: jax.Array, label_smoothing: float, num_choices: int) -> jax.Array:
   if label_smoothing == 0.0:
     return targets
@@ -198,7 +203,22 @@ def reduce_loss(loss: jax.Array, *, mask: jax.Array | None, weights: jax.Array |
     # Fenced too, so that a caller's own jnp.sum(loss) also reads a materialised array.
     return _math.fence(loss.astype(out_dtype))
   # A plain loop writes the loss, the sum reads it.
-  total = global_sum(jnp.sum(_math.fence(loss)), axis_name)
+  return reduce_materialised(_math.fence(loss), mask=mask, reduction=reduction,
+                             normalizer=normalizer, positives=positives, out_dtype=out_dtype,
+                             axis_name=axis_name)
+
+
+def reduce_materialised(loss: jax.Array, *, mask: jax.Array | None, reduction: str,
+                        normalizer: Any, positives: Callable[[], jax.Array], out_dtype: Any,
+                        axis_name: Any = None) -> jax.Array:
+  """The reduction of a loss that already carries its weights and zeros where masked.
+
+  ``loss`` must be materialised on the CPU (fenced, or an op XLA does not
+  recompute), as the cores' outputs are; ``mask`` only counts for the mean.
+  """
+  if reduction == "none":
+    return loss.astype(out_dtype)
+  total = global_sum(jnp.sum(loss), axis_name)
   if reduction == "sum":
     return total
   if normalizer is None:

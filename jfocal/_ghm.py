@@ -130,7 +130,7 @@ def _ghmc_loss(logits: Any, labels: Any, *, bins: Any, momentum: Any, state: Any
   harmonizer, new_state = harmonizing_weights(
       inputs.x, inputs.y, valid, bins=bins, momentum=momentum.astype(inputs.dtype),
       state=state, axis_name=axis_name)
-  loss = _common.scale(_sigmoid.focal_term(inputs.x, inputs.y, 0.0), harmonizer)
+  loss = _sigmoid.focal_term(inputs.x, inputs.y, harmonizer, 0.0)
   return _sigmoid.sigmoid_reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
                                  axis_name=axis_name), new_state
 

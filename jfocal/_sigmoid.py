@@ -53,20 +53,50 @@ def _folded(x: jax.Array, y: jax.Array, gamma: float):
   return locals()
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def focal_term(x: jax.Array, y: jax.Array, gamma: float) -> jax.Array:
-  """``(1 - p_t)**gamma * CE(x, y)`` elementwise, for logits x and targets y in [0, 1]."""
+def _weighted_value(x: jax.Array, y: jax.Array, factor: jax.Array, gamma: float) -> jax.Array:
+  """``factor * (1 - p_t)**gamma * CE``; see `focal_term`."""
   f = _folded(x, y, gamma)
-  return f["weight"] * f["cross_entropy"]
+  exponent = _math.integer_exponent(gamma)
+  if exponent is None:
+    return factor * f["weight"] * f["cross_entropy"]
+  # m**gamma = (u e + v)**gamma / (1 + e)**gamma: ending in a division (an
+  # "expensive" op that XLA materialises rather than recomputes in each user)
+  # lets the derivative read this value instead of recomputing log1p.
+  return ((factor * jax.lax.integer_pow(f["scaled_m"], exponent) * f["cross_entropy"])
+          / jax.lax.integer_pow(1 + f["e"], exponent))
+
+
+def _shares_value(gamma: float) -> bool:
+  """Whether the derivative reads the value: integer gamma > 0 (see `_focal_term_jvp`)."""
+  return _math.integer_exponent(gamma) is not None
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma: float) -> jax.Array:
+  """``factor * (1 - p_t)**gamma * CE(x, y)`` elementwise, for logits x and targets y in [0, 1].
+
+  ``factor`` carries alpha_t, weights and masks (0), and NaN for invalid
+  labels (see `weighted_inputs`): folding them in here leaves nothing between
+  this value and its sum. Where ``factor`` is 0, ``x`` must not be infinite
+  (0 * inf). The value is fenced (`_math.fence`): materialised, then summed.
+  """
+  return _math.fence(_weighted_value(x, y, factor, gamma))
 
 
 @functools.partial(focal_term.defjvp, symbolic_zeros=True)
 def _focal_term_jvp(gamma, primals, tangents):
-  x, y = primals
-  x_dot, y_dot = tangents
-  value = focal_term.fun(x, y, gamma)
-  # Recomputed from fenced inputs rather than shared with the value: two
-  # single-pass loops beat one that spills exp, log1p and 1/(1+e) to memory.
+  x, y, factor = primals
+  x_dot, y_dot, factor_dot = tangents
+  shares_value = _shares_value(gamma)
+  value = _weighted_value(x, y, factor, gamma)
+  if not shares_value:
+    value = _math.fence(value)
+  # Recomputed from fenced inputs rather than shared with the value: on the
+  # CPU, XLA would otherwise write exp, log1p and 1/(1+e) to memory for both.
+  # With integer gamma the x-derivative reads the value instead of log1p; the
+  # value then has two users (its sum and this rule) and, ending in a division,
+  # is materialised once; the gradient is written over it in place, so the
+  # loop that computes the loss runs first, with no temporary buffer.
   f = _folded(_math.derivative_logits(x), _math.fence(y), gamma)
   weight, cross_entropy, likely_side = f["weight"], f["cross_entropy"], f["likely_side"]
   tangent = jnp.zeros_like(value)
@@ -76,9 +106,15 @@ def _focal_term_jvp(gamma, primals, tangents):
       # sigma(z) sigma(-z) / m; equals sigma(z) exactly where v == 0.
       pq_over_m = jnp.where(f["certain"], f["sigmoid_z"],
                             f["sigmoid_minus_z"] / f["safe_scaled_m"])
-      # pq_over_m first: it vanishes where CE is huge (clipped infinite logits).
-      d_dz = d_dz + gamma * (pq_over_m * cross_entropy) * (f["v"] - f["u"])
-    d_dz = weight * d_dz
+    if shares_value:
+      # The value is factor * weight * CE; pq_over_m vanishes where it is infinite.
+      d_focus = jnp.where(pq_over_m == 0, 0, pq_over_m * value)
+      d_dz = factor * weight * d_dz + gamma * d_focus * (f["v"] - f["u"])
+    else:
+      if gamma:
+        # pq_over_m first: it vanishes where CE is huge (clipped infinite logits).
+        d_dz = d_dz + gamma * (pq_over_m * cross_entropy) * (f["v"] - f["u"])
+      d_dz = factor * weight * d_dz
     tangent = tangent + jnp.where(likely_side, d_dz, -d_dz) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_du = -f["z"]
@@ -90,8 +126,10 @@ def _focal_term_jvp(gamma, primals, tangents):
       ce_over_scaled_m = jnp.where(f["certain"], log1p_e_over_e,
                                    cross_entropy / f["safe_scaled_m"])
       d_du = d_du + gamma * (e - 1) * ce_over_scaled_m
-    d_du = weight * d_du
+    d_du = factor * weight * d_du
     tangent = tangent + jnp.where(likely_side, d_du, -d_du) * y_dot
+  if not isinstance(factor_dot, SymbolicZero):
+    tangent = tangent + weight * cross_entropy * factor_dot
   return value, tangent
 
 
@@ -180,6 +218,34 @@ def alpha_t(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
   return None if alpha is None else alpha * inputs.y + (1 - alpha) * (1 - inputs.y)
 
 
+def weighted_inputs(alpha: Any, inputs: SigmoidInputs) -> tuple[jax.Array, jax.Array]:
+  """The logits and the ``factor`` of `focal_term`: alpha_t, weights, mask, NaN for bad ids.
+
+  All that `sigmoid_reduce` would apply to a loss, as one factor. Infinite
+  logits whose factor is 0 become 0, so that they contribute 0 (not
+  0 * inf); NaN logits stay NaN, so that zero weight never hides bad input.
+  The zeros are found from alpha and the weights, not from the factor, which
+  XLA then computes inside the loss's and the gradient's loops instead of
+  writing it to memory.
+  """
+  x, y, dtype = inputs.x, inputs.y, inputs.dtype
+  factor, removed = jnp.ones((), dtype), None
+  alpha = checked_alpha(alpha, inputs)
+  if alpha is not None:
+    factor = alpha * y + (1 - alpha) * (1 - y)
+    # Both terms are >= 0, so alpha_t is 0 only at these two corners.
+    removed = ((alpha == 0) & (y == 1)) | ((alpha == 1) & (y == 0))
+  if inputs.weights is not None:
+    weights = inputs.weights.astype(dtype)
+    factor = factor * weights
+    removed = _common.combine_or(removed, weights == 0)
+  if inputs.mask is not None:
+    factor = jnp.where(inputs.mask, factor, 0)  # sigmoid_inputs zeroed masked logits
+  if removed is not None:
+    x = jnp.where(removed & jnp.isinf(x), jnp.zeros((), dtype), x)
+  return x, _common.invalid_to_nan(factor, inputs.invalid)
+
+
 def sigmoid_reduce(loss: jax.Array, inputs: SigmoidInputs, *, reduction: Any, normalizer: Any,
                    axis_name: Any) -> jax.Array:
   """NaN for out-of-range ids, then weights, mask and the reduction."""
@@ -197,12 +263,12 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
   inputs = sigmoid_inputs(logits, labels, gamma=gamma, weights=weights, where=where,
                           ignore_index=ignore_index, label_smoothing=label_smoothing,
                           reduction=reduction, normalizer=normalizer)
-  loss = focal_term(inputs.x, inputs.y, inputs.gamma)
-  weight = alpha_t(alpha, inputs)
-  if weight is not None:
-    loss = _common.scale(loss, weight)
-  return sigmoid_reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
-                        axis_name=axis_name)
+  x, factor = weighted_inputs(alpha, inputs)
+  loss = focal_term(x, inputs.y, factor, inputs.gamma)
+  return _common.reduce_materialised(
+      loss, mask=inputs.mask, reduction=reduction, normalizer=normalizer,
+      positives=lambda: jnp.sum(inputs.targets > 0), out_dtype=inputs.out_dtype,
+      axis_name=axis_name)
 
 
 _FORMULA = r"""

@@ -156,13 +156,15 @@ def test_eager_calls_compile_once_per_static_configuration():
   ids = jnp.array([0, 1, 2, 3, 1])
   call = lambda alpha, weights, gamma=1.5: jfocal.sigmoid_focal_loss(
       x, ids, alpha=alpha, weights=weights, gamma=gamma, reduction="sum")
-  call(0.25, jnp.ones((5, 1), jnp.float32))
+  # Built before counting: creating them may compile small programs of its own.
+  doubled, halved, ones = (jnp.full((5, 1), value, jnp.float32) for value in (2.0, 0.5, 1.0))
+  call(0.25, ones)
   jax.monitoring.register_event_duration_secs_listener(count_backend_compiles)
   try:
-    call(0.5, jnp.full((5, 1), 2.0, jnp.float32))
-    call(0.9, jnp.full((5, 1), 0.5, jnp.float32))
+    call(0.5, doubled)
+    call(0.9, halved)
     assert compiles == [], "new alpha or weights values must reuse the compiled program"
-    call(0.5, jnp.ones((5, 1), jnp.float32), gamma=2.5)
+    call(0.5, ones, gamma=2.5)
     assert len(compiles) == 1, "a new gamma specialises the program: one compilation"
   finally:
     jax.monitoring.unregister_event_duration_listener(count_backend_compiles)

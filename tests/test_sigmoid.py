@@ -94,6 +94,20 @@ def test_gradient_matches_the_papers_closed_form_at_any_logit(case):
   assert_close(grad, expected, case["dtype"], what="d/dlogits")
 
 
+@given(x=S.logits((3, 4), 12.0), y=S.probabilities((3, 4)), gamma=S.gammas,
+       alpha=st.floats(0, 1), weights=S.probabilities((3, 1), high=3.0))
+def test_gradients_with_respect_to_alpha_and_weights(x, y, gamma, alpha, weights):
+  """alpha and weights are traced and differentiable, like the logits."""
+  ours = jax.jit(jax.grad(lambda a, w: jnp.sum(jfocal.sigmoid_focal_loss(
+      jnp.asarray(x), jnp.asarray(y), alpha=a, weights=w, gamma=gamma)), (0, 1)))
+  reference = ref.on_reference_device(jax.grad(lambda a, w, x, y: jnp.sum(
+      ref.sigmoid_focal_textbook(x, y, a, gamma) * w), (0, 1)))
+  got = ours(jnp.float64(alpha), jnp.asarray(weights))
+  want = reference(alpha, weights, x, y)
+  for name, g, w in zip(("d/dalpha", "d/dweights"), got, want):
+    assert_close(g, w, jnp.float64, what=name)
+
+
 @given(x=S.logits((6,), 8.0), y=S.probabilities((6,)), gamma=S.gammas,
        alpha=st.none() | st.floats(0, 1))
 def test_gradients_match_finite_differences(x, y, gamma, alpha):
