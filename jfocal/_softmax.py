@@ -29,12 +29,10 @@ from jfocal import _common, _math, _validation
 _SERIES_RADIUS = 0.1
 
 
-def _log_p_over_one_minus_p(l: jax.Array) -> jax.Array:
-  near_one = l > -_SERIES_RADIUS
+def _log_p_over_one_minus_p_near_one(l: jax.Array) -> jax.Array:
+  """``l / (1 - exp(l))`` for ``|l| < _SERIES_RADIUS``, from its Taylor series."""
   l2 = l * l
-  series = -(1 - l / 2 + l2 * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600))))
-  direct = l / jnp.where(near_one, 1, -jnp.expm1(l))
-  return jnp.where(near_one, series, direct)
+  return -(1 - l / 2 + l2 * (1 / 12 + l2 * (-1 / 720 + l2 * (1 / 30240 - l2 / 1209600))))
 
 
 def _log_softmax_parts(x: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
@@ -72,17 +70,26 @@ def focal_term(l: jax.Array, gamma: float) -> jax.Array:
 def _focal_term_jvp(gamma, primals, tangents):
   (l,), (l_dot,) = primals, tangents
   value = focal_term.fun(l, gamma)
+  if not gamma:
+    return value, -l_dot
   # Recomputed from a fenced copy rather than shared with the value: XLA on
-  # the CPU then emits two single loops instead of many small kernels.
+  # the CPU then emits single loops instead of many small kernels.
   l = _math.fence(l)
-  weight = _math.modulating_factor(-jnp.expm1(l), gamma)
-  slope = -1.0
-  if gamma:
-    # p * l / (1 - p) -> 0 as l -> -inf (p = 0); the guard keeps 0 * inf out.
-    finite = l > -jnp.inf
-    safe_l = jnp.where(finite, l, -1)
-    slope = jnp.where(finite, gamma * jnp.exp(safe_l) * _log_p_over_one_minus_p(safe_l), 0) - 1
-  return value, weight * slope * l_dot
+  one_minus_p = -jnp.expm1(l)
+  weight = _math.modulating_factor(one_minus_p, gamma)
+  # slope = gamma p l / (1 - p) - 1, as one quotient: the derivative then ends
+  # in a division, which XLA computes once and stores for both of its users
+  # (the log-normaliser's and the target logit's gradients) instead of
+  # storing each of its exp, expm1 and division separately.
+  near_one = l > -_SERIES_RADIUS
+  # p l -> 0 as l -> -inf (p = 0); the guard keeps 0 * inf out, also of its derivatives.
+  finite = l > -jnp.inf
+  safe_l = jnp.where(finite, l, -1)
+  p = jnp.exp(safe_l)
+  p_l = jnp.where(finite, p * safe_l, 0)
+  series_slope = gamma * p * _log_p_over_one_minus_p_near_one(jnp.where(near_one, l, 0)) - 1
+  numerator = weight * jnp.where(near_one, series_slope, gamma * p_l - one_minus_p)
+  return value, numerator / jnp.where(near_one, 1, one_minus_p) * l_dot
 
 
 def _class_axis(axis: Any, shape: tuple[int, ...]) -> int:
