@@ -1,7 +1,8 @@
 """Sigmoid family: CE, alpha-balanced CE and focal loss over independent classes.
 
-All three share one elementwise core, ``focal_term(x, y) = (1 - p_t)**gamma * CE``,
-with one analytic derivative rule.
+All three share one elementwise core,
+``focal_term(x, y, factor) = factor * (1 - p_t)**gamma * CE``, with one analytic
+derivative rule; ``factor`` holds alpha_t, the weights and the mask.
 
 The core works in a *folded* frame: with ``z = |x|`` and the target mass ``u``
 on the side the logit already favours (``u = y`` for ``x >= 0``, ``1 - y``
