@@ -145,6 +145,9 @@ class SigmoidInputs(NamedTuple):
   gamma: float
   dtype: Any                # compute dtype
   out_dtype: Any            # dtype of the unreduced loss
+  # Anchors with a class id in [0, C), unmasked: each holds one positive target.
+  # Only for integer ids without `where` (which may mask single classes).
+  positive_rows: jax.Array | None = None
 
 
 def sigmoid_inputs(logits: Any, labels: Any, *, gamma: Any, weights: Any, where: Any,
@@ -159,7 +162,7 @@ def sigmoid_inputs(logits: Any, labels: Any, *, gamma: Any, weights: Any, where:
       logits, labels, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
       normalizer=normalizer, label_smoothing=label_smoothing)
   shape = logits.shape
-  invalid = ignore_mask = None
+  invalid = ignore_mask = positive_rows = None
   if jnp.issubdtype(labels.dtype, jnp.integer):
     if not shape:
       raise ValueError("integer class-id labels need logits with a class axis (shape (..., C)); "
@@ -175,6 +178,9 @@ def sigmoid_inputs(logits: Any, labels: Any, *, gamma: Any, weights: Any, where:
       valid = valid | ignored
       ignore_mask = ~ignored[..., None]
     invalid = ~valid[..., None]
+    positive_rows = (labels >= 0) & (labels < num_classes)
+    if ignore_index is not None:
+      positive_rows = positive_rows & ~ignored
     class_ids = jnp.arange(num_classes, dtype=labels.dtype)
     hard_targets = labels[..., None] == class_ids
     if scores is not None:
@@ -201,7 +207,21 @@ def sigmoid_inputs(logits: Any, labels: Any, *, gamma: Any, weights: Any, where:
     # Selected by the (masked) class column, so a masked anchor's score never reaches the loss.
     y = jnp.where(targets > 0, scores.astype(dtype)[..., None], 0)
   y = _common.smooth(y, label_smoothing, 2)
-  return SigmoidInputs(x, y, targets, mask, invalid, weights, gamma, dtype, logits.dtype)
+  if where is not None:
+    positive_rows = None
+  return SigmoidInputs(x, y, targets, mask, invalid, weights, gamma, dtype, logits.dtype,
+                       positive_rows)
+
+
+def count_positives(inputs: SigmoidInputs) -> jax.Array:
+  """The number of unmasked positive targets, from the ids where possible.
+
+  Counting anchors rather than (anchor, class) targets reads C times less and
+  writes nothing logits-sized.
+  """
+  if inputs.positive_rows is not None:
+    return jnp.sum(inputs.positive_rows)
+  return jnp.sum(inputs.targets > 0)
 
 
 def checked_alpha(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
@@ -253,7 +273,7 @@ def sigmoid_reduce(loss: jax.Array, inputs: SigmoidInputs, *, reduction: Any, no
   loss = _common.invalid_to_nan(loss, inputs.invalid)
   return _common.reduce_loss(
       loss, mask=inputs.mask, weights=inputs.weights, reduction=reduction,
-      normalizer=normalizer, positives=lambda: jnp.sum(inputs.targets > 0),
+      normalizer=normalizer, positives=lambda: count_positives(inputs),
       out_dtype=inputs.out_dtype, axis_name=axis_name)
 
 
@@ -268,7 +288,7 @@ def _sigmoid_loss(logits: Any, labels: Any, *, alpha: Any, gamma: Any, weights: 
   loss = focal_term(x, inputs.y, factor, inputs.gamma)
   return _common.reduce_materialised(
       loss, mask=inputs.mask, reduction=reduction, normalizer=normalizer,
-      positives=lambda: jnp.sum(inputs.targets > 0), out_dtype=inputs.out_dtype,
+      positives=lambda: count_positives(inputs), out_dtype=inputs.out_dtype,
       axis_name=axis_name)
 
 

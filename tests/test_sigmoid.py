@@ -94,6 +94,27 @@ def test_gradient_matches_the_papers_closed_form_at_any_logit(case):
   assert_close(grad, expected, case["dtype"], what="d/dlogits")
 
 
+@pytest.mark.parametrize("ignore_index", [None, -1, 0])
+@pytest.mark.parametrize("mask_a_positive", [False, True])
+def test_num_positives_counts_unmasked_foreground_targets(ignore_index, mask_a_positive):
+  """Counted from the ids (anchors in [0, C)), or from the targets when `where` is given."""
+  ids = np.array([0, 2, 3, 1, 0, 3, 2])  # C = 3: id 3 is background
+  if ignore_index is not None:
+    ids[[3, 4]] = ignore_index
+  logits = jnp.asarray(np.random.default_rng(5).normal(size=(7, 3)), jnp.float32)
+  where = np.ones((7, 3), bool)
+  if mask_a_positive:
+    where[1, 2] = False  # the target of anchor 1
+  options = dict(ignore_index=ignore_index, where=jnp.asarray(where) if mask_a_positive else None)
+  one_hot = (ids[:, None] == np.arange(3)) & where
+  if ignore_index is not None:
+    one_hot &= (ids != ignore_index)[:, None]
+  loss = jax.jit(lambda x: jfocal.sigmoid_focal_loss(
+      x, jnp.asarray(ids), reduction="mean", normalizer="num_positives", **options))
+  total = jfocal.sigmoid_focal_loss(logits, jnp.asarray(ids), reduction="sum", **options)
+  assert_close(loss(logits), float(total) / one_hot.sum(), jnp.float32)
+
+
 @given(x=S.logits((3, 4), 12.0), y=S.probabilities((3, 4)), gamma=S.gammas,
        alpha=st.floats(0, 1), weights=S.probabilities((3, 1), high=3.0))
 def test_gradients_with_respect_to_alpha_and_weights(x, y, gamma, alpha, weights):
