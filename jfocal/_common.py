@@ -130,11 +130,6 @@ def combine_masks(*masks: jax.Array | None) -> jax.Array | None:
   return combined
 
 
-def combine_or(*masks: jax.Array | None) -> jax.Array | None:
-  present = [mask for mask in masks if mask is not None]
-  return functools.reduce(jnp.logical_or, present) if present else None
-
-
 def smooth(targets: jax.Array, label_smoothing: float, num_choices: int) -> jax.Array:
   if label_smoothing == 0.0:
     return targets

@@ -236,7 +236,11 @@ def checked_alpha(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
 def alpha_t(alpha: Any, inputs: SigmoidInputs) -> jax.Array | None:
   """``alpha y + (1 - alpha)(1 - y)``, or None without alpha."""
   alpha = checked_alpha(alpha, inputs)
-  return None if alpha is None else alpha * inputs.y + (1 - alpha) * (1 - inputs.y)
+  return None if alpha is None else _balance(alpha, inputs.y)
+
+
+def _balance(alpha: jax.Array, y: jax.Array) -> jax.Array:
+  return alpha * y + (1 - alpha) * (1 - y)
 
 
 def weighted_inputs(alpha: Any, inputs: SigmoidInputs) -> tuple[jax.Array, jax.Array]:
@@ -253,13 +257,13 @@ def weighted_inputs(alpha: Any, inputs: SigmoidInputs) -> tuple[jax.Array, jax.A
   factor, removed = jnp.ones((), dtype), None
   alpha = checked_alpha(alpha, inputs)
   if alpha is not None:
-    factor = alpha * y + (1 - alpha) * (1 - y)
+    factor = _balance(alpha, y)
     # Both terms are >= 0, so alpha_t is 0 only at these two corners.
     removed = ((alpha == 0) & (y == 1)) | ((alpha == 1) & (y == 0))
   if inputs.weights is not None:
     weights = inputs.weights.astype(dtype)
     factor = factor * weights
-    removed = _common.combine_or(removed, weights == 0)
+    removed = weights == 0 if removed is None else removed | (weights == 0)
   if inputs.mask is not None:
     factor = jnp.where(inputs.mask, factor, 0)  # sigmoid_inputs zeroed masked logits
   if removed is not None:
