@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The property tests of tests/test_fuzz*.py with 500 random examples each.
+# The property tests of tests/test_fuzz.py with 500 random examples each.
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py tests/test_fuzz_extended.py -n 2 -q
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -n 2 -q
 
 # The tiny RetinaNet trained with CE, balanced CE and focal loss; writes
 # examples/retinanet/results/ (table, training curves, detections).

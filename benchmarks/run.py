@@ -13,8 +13,9 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
            (and jfocal.checked(...) to price the run-time checks)
   softmax  jfocal.softmax_focal_loss | optax CE with integer labels | naive (log_softmax,
            gather, pow) | floor
-  extended one case (--extended-size) of every other jfocal loss against its naive
-           (mmdetection or textbook) formula and against the sigmoid focal loss
+  registry one case (--extended-size) of every loss of tests/registry.py against its
+           textbook formula (tests/references.py) at the same dtype and against the
+           sigmoid focal loss, and a detector's call against the same loss with optax
 The floor kernel reads the same inputs and writes one logits-shaped array with one
 exp and one log1p per element: the least a value-and-grad can read, write and
 compute. Softmax with C=1 is skipped: its loss is identically zero. All losses are summed, gradients are taken with respect to the logits.
@@ -28,6 +29,7 @@ import json
 import os
 import pathlib
 import platform
+import sys
 import time
 from typing import Callable
 
@@ -39,6 +41,8 @@ import optax
 import jfocal
 
 HERE = pathlib.Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+import registry  # noqa: E402  (the test registry: every loss, its parameters and reference)
 ALPHA, GAMMA = 0.25, 2.0
 
 
@@ -81,49 +85,6 @@ FAMILIES: dict[str, dict[str, Callable]] = {
 }
 
 
-def _naive_focal_star(x, y, gamma=2.0, beta=1.0):
-  alpha_t = ALPHA * y + (1 - ALPHA) * (1 - y)
-  log_p = jnp.log(jax.nn.sigmoid(gamma * x + beta))
-  log_q = jnp.log(jax.nn.sigmoid(-gamma * x + beta))
-  return jnp.sum(-alpha_t * (y * log_p + (1 - y) * log_q) / gamma)
-
-
-def _naive_poly1_focal(x, y, epsilon=1.0):
-  p = jax.nn.sigmoid(x)
-  p_t = y * p + (1 - y) * (1 - p)
-  return _sigmoid_naive(x, y) + epsilon * jnp.sum((1 - p_t) ** (GAMMA + 1))
-
-
-def _naive_quality_focal(x, y, beta=2.0):  # mmdetection's formula with dense targets
-  p = jax.nn.sigmoid(x)
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, y) * jnp.abs(y - p) ** beta)
-
-
-def _naive_varifocal(x, q, alpha=0.75, gamma=2.0):  # mmdetection's varifocal_loss
-  p = jax.nn.sigmoid(x)
-  weight = jnp.where(q > 0, q, alpha * jnp.abs(p - q) ** gamma)
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, q) * weight)
-
-
-def _naive_ghmc(x, y, bins=10):  # mmdetection's GHMC.forward, one masked pass per bin
-  g = jax.lax.stop_gradient(jnp.abs(jax.nn.sigmoid(x) - y))
-  edges = (jnp.arange(bins + 1) / bins).at[-1].add(1e-6)
-  total = g.size
-  weights, populated = jnp.zeros_like(x), 0
-  for i in range(bins):
-    inside = (g >= edges[i]) & (g < edges[i + 1])
-    count = jnp.sum(inside)
-    weights = jnp.where(inside, total / jnp.maximum(count, 1), weights)
-    populated = populated + (count > 0)
-  weights = weights / jnp.maximum(populated, 1)
-  return jnp.sum(optax.sigmoid_binary_cross_entropy(x, y) * weights) / total
-
-
-def _naive_poly1_cross_entropy(x, ids, epsilon=1.0):
-  p_t = jnp.take_along_axis(jax.nn.softmax(x), ids[:, None], axis=-1)[:, 0]
-  return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, ids) + epsilon * (1 - p_t))
-
-
 DETECTOR = "sigmoid_focal_loss, detector ids (naive: optax)"
 
 
@@ -135,42 +96,32 @@ def _optax_detector_loss(x, ids):
   return jnp.sum(loss) / jnp.maximum(jnp.sum((ids >= 0) & (ids < x.shape[-1])), 1)
 
 
-# The extended family at one size: each loss against its naive (mmdetection or
-# textbook) formula and against jfocal's sigmoid focal loss on the same inputs.
-# Sigmoid labels are dense soft targets: ~1% of the logits hold an IoU in
-# (0, 1]; the softmax loss gets uniform class ids, the detector's call its own ids.
-EXTENDED: dict[str, tuple[Callable, Callable]] = {
-    "sigmoid_focal_loss": (
-        lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=ALPHA, gamma=GAMMA, reduction="sum"),
-        _sigmoid_naive),
-    "sigmoid_focal_loss_star": (
-        lambda x, y: jfocal.sigmoid_focal_loss_star(x, y, alpha=ALPHA, gamma=2.0, beta=1.0,
-                                                    reduction="sum"),
-        _naive_focal_star),
-    "poly1_focal_loss": (
-        lambda x, y: jfocal.poly1_focal_loss(x, y, epsilon=1.0, alpha=ALPHA, gamma=GAMMA,
-                                             reduction="sum"),
-        _naive_poly1_focal),
-    "quality_focal_loss": (
-        lambda x, y: jfocal.quality_focal_loss(x, y, beta=2.0, reduction="sum"),
-        _naive_quality_focal),
-    "varifocal_loss": (
-        lambda x, y: jfocal.varifocal_loss(x, y, alpha=0.75, gamma=2.0, reduction="sum"),
-        _naive_varifocal),
-    "ghmc_loss": (
-        lambda x, y: jfocal.ghmc_loss(x, y, bins=10, reduction="mean")[0],
-        _naive_ghmc),
-    "poly1_cross_entropy": (
-        lambda x, ids: jfocal.poly1_cross_entropy(x, ids, epsilon=1.0, reduction="sum"),
-        _naive_poly1_cross_entropy),
-    # A detector's call: class ids with background C and ignored anchors -1, the mean
-    # over the positives; its peer is the same loss written with optax.
-    DETECTOR: (
-        lambda x, ids: jfocal.sigmoid_focal_loss(x, ids, alpha=ALPHA, gamma=GAMMA,
-                                                 ignore_index=-1, reduction="mean",
-                                                 normalizer="num_positives"),
-        _optax_detector_loss),
-}
+def registry_losses(classes: int) -> dict[str, tuple[Callable, Callable]]:
+  """Every loss of the test registry (tests/registry.py), with the registry's hyper-parameters,
+  against its float64-reference formula (tests/references.py) run at the benchmark's dtype:
+  the loss as a reader of its paper would write it in jnp. Softmax references take one-hot
+  targets, built inside the naive function as a user of a one-hot API would."""
+  cases = {}
+  for entry in registry.LOSSES.values():
+    params = entry.options(classes)
+
+    def ours(x, y, entry=entry):
+      return jnp.sum(entry(x, y, reduction="sum"))
+
+    def naive(x, y, entry=entry, params=params):
+      if entry.family == "softmax":
+        y = jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype)
+      return jnp.sum(entry.reference(x, y, **params))
+
+    cases[entry.name] = (ours, naive)
+  # A detector's call: class ids with background C and ignored anchors -1, the mean
+  # over the positives; its peer is the same loss written with optax.
+  cases[DETECTOR] = (
+      lambda x, ids: jfocal.sigmoid_focal_loss(x, ids, alpha=ALPHA, gamma=GAMMA,
+                                               ignore_index=-1, reduction="mean",
+                                               normalizer="num_positives"),
+      _optax_detector_loss)
+  return cases
 
 
 @dataclasses.dataclass
@@ -233,7 +184,7 @@ def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
 
 
 def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
-  """value_and_grad of every extended loss and of its naive formula, interleaved."""
+  """value_and_grad of every registry loss and of its textbook formula, interleaved."""
   rows_count = max(elements // classes, 1)
   shape = (rows_count, classes)
   x = jnp.asarray(rng.normal(size=shape) * 4).astype(dtype)
@@ -245,8 +196,9 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
   detector_ids = jnp.asarray(np.where(kind < 0.01, rng.integers(0, classes, size=rows_count),
                                       np.where(kind < 0.11, -1, classes)), jnp.int32)
   candidates = {}
-  for name, (ours, naive) in EXTENDED.items():
-    labels = ids if "softmax" in name or "cross_entropy" in name else y
+  for name, (ours, naive) in registry_losses(classes).items():
+    family = registry.LOSSES[name].family if name in registry.LOSSES else "sigmoid"
+    labels = ids if family == "softmax" else y
     labels = detector_ids if name == DETECTOR else labels
     candidates[(f"jfocal {name}", "value_and_grad")] = (jax.value_and_grad(ours), labels)
     candidates[(f"naive {name}", "value_and_grad")] = (jax.value_and_grad(naive), labels)
@@ -266,7 +218,7 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
 
 def extended_markdown(rows: list[Row]) -> str:
   fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-  out = ["", "Extended losses, value-and-grad of the loss summed (GHM-C and the detector's "
+  out = ["", "Every loss of the registry, value-and-grad of the loss summed (the detector's "
          "call: their mean), dense soft targets (~1% of the logits hold an IoU); the "
          "detector's call gets class ids (~1% foreground, ~10% ignored, the rest background):",
          "",

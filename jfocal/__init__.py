@@ -1,7 +1,8 @@
 """jfocal: exact, finite and fast cross-entropy, focal and related losses for JAX.
 
 Pure, jittable functions with optax-style signatures ``loss(logits, labels,
-*, options)``, unreduced by default. See the README for the guarantees.
+*, options)``, unreduced by default. See the README for the guarantees, and
+`jfocal.engine` for how a loss is built.
 """
 
 from jfocal._alpha import (alpha_from_counts, background_alpha, class_balanced_alpha,

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfocal import _validation
+from jfocal.engine import checks
 
 
 def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
@@ -25,8 +25,9 @@ def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
     num_negatives: count ``n`` of negative targets, broadcastable with ``m``.
 
   Returns:
-    ``n / (m + n)`` in float32 (float64 for float64 counts), 0.5 where both
-    counts are 0.
+    ``n / (m + n)``, 0.5 where both counts are 0, in JAX's default float
+    dtype for integer counts (float32, or float64 under ``jax_enable_x64``),
+    else in the counts' compute dtype (float64 for float64 counts).
 
   Examples:
     >>> import jfocal
@@ -39,14 +40,15 @@ def alpha_from_counts(num_positives: Any, num_negatives: Any) -> jax.Array:
   """
   counts = []
   for name, value in (("num_positives", num_positives), ("num_negatives", num_negatives)):
-    if _validation.is_concrete(value) and np.any(np.asarray(value) < 0):
+    if checks.is_concrete(value) and np.any(np.asarray(value) < 0):
       raise ValueError(f"{name} must be >= 0; got {value}")
-    value = _validation.as_array(value, name)
-    _validation.require_kind(value, (int, float),
+    value = checks.as_array(value, name)
+    checks.require_kind(value, (int, float),
                              message=f"{name} must be a real count; got dtype {value.dtype}")
     counts.append(value)
   m, n = counts
-  dtype = _validation.wide_float(m.dtype if m.dtype == jnp.float64 else n.dtype)
+  floats = [c.dtype for c in counts if jnp.issubdtype(c.dtype, jnp.floating)]
+  dtype = checks.result_float(max(floats, key=lambda d: np.dtype(d).itemsize) if floats else int)
   m, n = m.astype(dtype), n.astype(dtype)
   total = m + n
   return jnp.where(total > 0, n / jnp.where(total > 0, total, 1), 0.5)
@@ -84,8 +86,9 @@ def class_balanced_alpha(counts: Any, *, beta: float = 0.999) -> jax.Array:
       0.9999.
 
   Returns:
-    Weights of shape ``(C,)`` summing to ``C``, in float32 (float64 for
-    float64 counts).
+    Weights of shape ``(C,)`` summing to ``C``, in JAX's default float dtype
+    for integer counts (float32, or float64 under ``jax_enable_x64``), else
+    in the counts' compute dtype.
 
   Examples:
     >>> import jax.numpy as jnp, jfocal
@@ -102,20 +105,20 @@ def class_balanced_alpha(counts: Any, *, beta: float = 0.999) -> jax.Array:
     Cui et al., `Class-Balanced Loss Based on Effective Number of Samples
     <https://arxiv.org/abs/1901.05555>`_, CVPR 2019.
   """
-  beta = _validation.static_number(beta, "beta", minimum=0.0, maximum=1.0)
+  beta = checks.static_number(beta, "beta", checks.UNIT)
   if beta == 1.0:
     raise ValueError("beta must lie in [0, 1) (beta = 1 would make every effective number "
                      "0); got 1.0. For inverse class frequency use a beta close to 1, "
                      "e.g. 0.9999")
-  if _validation.is_concrete(counts) and np.any(np.asarray(counts) < 0):
+  if checks.is_concrete(counts) and np.any(np.asarray(counts) < 0):
     raise ValueError(f"counts must be >= 0; got {counts}")
-  counts = _validation.as_array(counts, "counts")
-  _validation.require_kind(counts, (int, float),
+  counts = checks.as_array(counts, "counts")
+  checks.require_kind(counts, (int, float),
                            message=f"counts must be real numbers; got dtype {counts.dtype}")
   if counts.ndim != 1 or counts.shape[0] == 0:
     raise ValueError(f"counts must be a vector with one count per class, shape (C,) with "
                      f"C >= 1; got shape {counts.shape}")
-  dtype = _validation.wide_float(counts.dtype)
+  dtype = checks.result_float(counts.dtype)
   counts = jnp.maximum(counts.astype(dtype), 1)
   if beta == 0.0:
     inverse_effective = jnp.ones_like(counts)
@@ -126,7 +129,7 @@ def class_balanced_alpha(counts: Any, *, beta: float = 0.999) -> jax.Array:
 
 
 def background_alpha(alpha: float, num_classes: int, *, background_index: int = 0,
-                     dtype: Any = jnp.float32) -> jax.Array:
+                     dtype: Any = None) -> jax.Array:
   r"""Per-class alpha ``[alpha, 1 - alpha, ..., 1 - alpha]`` for a softmax detector.
 
   The background class gets ``alpha`` and every object class ``1 - alpha``: the
@@ -138,7 +141,7 @@ def background_alpha(alpha: float, num_classes: int, *, background_index: int = 
     num_classes: number of classes ``C`` including the background.
     background_index: position of the background class (default 0, negative
       indices count from the end).
-    dtype: dtype of the result.
+    dtype: dtype of the result; None (default) is JAX's default float dtype.
 
   Returns:
     Array of shape ``(num_classes,)``.
@@ -152,12 +155,13 @@ def background_alpha(alpha: float, num_classes: int, *, background_index: int = 
     Lin et al., `Focal Loss for Dense Object Detection
     <https://arxiv.org/abs/1708.02002>`_, ICCV 2017.
   """
-  alpha = _validation.static_number(alpha, "alpha", minimum=0.0, maximum=1.0)
+  alpha = checks.static_number(alpha, "alpha", checks.UNIT)
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ValueError(f"num_classes must be a positive int; got {num_classes!r}")
   if not isinstance(background_index, int) or not -num_classes <= background_index < num_classes:
     raise ValueError(f"background_index must be an int in [{-num_classes}, {num_classes}); "
                      f"got {background_index!r}")
+  dtype = checks.result_float(int) if dtype is None else dtype
   return jnp.full((num_classes,), 1.0 - alpha, dtype).at[background_index].set(alpha)
 
 
@@ -173,7 +177,8 @@ def prior_bias_init(prior: float = 0.01) -> Callable[..., jax.Array]:
     prior: the initial foreground probability :math:`\pi`, in (0, 1).
 
   Returns:
-    A function ``(key, shape, dtype=jnp.float32) -> Array`` usable as
+    A function ``(key, shape, dtype=None) -> Array`` (None is JAX's default
+    float dtype) usable as
     ``bias_init`` of ``flax.linen.Conv`` or ``flax.linen.Dense``.
 
   Examples:
@@ -186,13 +191,13 @@ def prior_bias_init(prior: float = 0.01) -> Callable[..., jax.Array]:
     Lin et al., `Focal Loss for Dense Object Detection
     <https://arxiv.org/abs/1708.02002>`_, ICCV 2017, section 4.1.
   """
-  prior = _validation.static_number(prior, "prior", minimum=0.0, maximum=1.0)
+  prior = checks.static_number(prior, "prior", checks.UNIT)
   if not 0.0 < prior < 1.0:
     raise ValueError(f"prior must lie strictly inside (0, 1); got {prior!r}")
   bias = -math.log((1.0 - prior) / prior)
 
-  def init(key: Any, shape: Any, dtype: Any = jnp.float32) -> jax.Array:
+  def init(key: Any, shape: Any, dtype: Any = None) -> jax.Array:
     del key  # deterministic
-    return jnp.full(shape, bias, dtype)
+    return jnp.full(shape, bias, checks.result_float(int) if dtype is None else dtype)
 
   return init

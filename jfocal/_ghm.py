@@ -19,11 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jfocal import _common, _sigmoid, _validation
+from jfocal._sigmoid import focal_term
+from jfocal.engine import checks, numerics, reduce as reducing, sigmoid
+from jfocal.engine.program import program
+from jfocal.engine.types import ArrayLike, AxisName, Normalizer, Reduction
 
 
 def _check_bins(bins: Any) -> int:
-  _validation.require_static(bins, "bins")
+  checks.require_static(bins, "bins")
   if isinstance(bins, (bool, np.bool_)) or not isinstance(bins, numbers.Integral):
     raise TypeError(f"bins must be a Python int >= 1; got {bins!r}")
   if bins < 1:
@@ -31,7 +34,7 @@ def _check_bins(bins: Any) -> int:
   return int(bins)
 
 
-def ghmc_init(bins: int = 10, *, dtype: Any = jnp.float32) -> jax.Array:
+def ghmc_init(bins: int = 10, *, dtype: Any = None) -> jax.Array:
   r"""The initial GHM-C state: no gradient norms seen yet.
 
   The state is the moving average of the number of elements per bin of
@@ -42,8 +45,9 @@ def ghmc_init(bins: int = 10, *, dtype: Any = jnp.float32) -> jax.Array:
 
   Args:
     bins: number of bins, a Python int >= 1 (the ``bins`` of the loss).
-    dtype: float dtype of the state (float32 by default; the loss returns the
-      new state in the dtype it was given).
+    dtype: float dtype of the state; None (default) is JAX's default float
+      (float32, or float64 under ``jax_enable_x64``). The loss returns the new
+      state in the dtype it was given.
 
   Returns:
     ``jnp.zeros((bins,), dtype)``.
@@ -58,14 +62,15 @@ def ghmc_init(bins: int = 10, *, dtype: Any = jnp.float32) -> jax.Array:
     <https://arxiv.org/abs/1811.05181>`_, AAAI 2019.
   """
   bins = _check_bins(bins)
+  dtype = checks.result_float(int) if dtype is None else dtype
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"dtype must be a floating-point dtype; got {dtype!r}")
   return jnp.zeros((bins,), dtype)
 
 
 def _check_state(state: Any, bins: int) -> jax.Array:
-  state = _validation.as_array(state, "state")
-  _validation.require_kind(
+  state = checks.as_array(state, "state")
+  checks.require_kind(
       state, (float,), message=f"state must be a float array from jfocal.ghmc_init({bins}); "
       f"got dtype {state.dtype}")
   if state.shape != (bins,):
@@ -97,14 +102,14 @@ def harmonizing_weights(x: jax.Array, y: jax.Array, valid: jax.Array, *, bins: i
   lower = jnp.asarray(edges[:-1])
   upper = jnp.asarray(np.append(edges[1:-1], np.inf).astype(host_dtype))
   index = jnp.clip(jnp.floor(g * bins), 0, bins - 1).astype(jnp.int32)
-  index = (index - (g < _common.per_class_values(lower, index)).astype(jnp.int32)
-           + (g >= _common.per_class_values(upper, index)).astype(jnp.int32))
+  index = (index - (g < reducing.per_class_values(lower, index)).astype(jnp.int32)
+           + (g >= reducing.per_class_values(upper, index)).astype(jnp.int32))
   # The histogram is replicated; under a mesh with explicit axes JAX needs to be told.
   replicated = jax.typeof(index).sharding.update(spec=jax.P())
   counts = jnp.zeros((bins,), dtype).at[index].add(counted.astype(dtype),
                                                      out_sharding=replicated)
-  counts = _common.global_sum(counts, axis_name)
-  total = jnp.maximum(_common.global_sum(jnp.sum(valid, dtype=dtype), axis_name), 1)
+  counts = reducing.global_sum(counts, axis_name)
+  total = jnp.maximum(reducing.global_sum(jnp.sum(valid, dtype=dtype), axis_name), 1)
   populated = counts > 0
   previous = state.astype(dtype)
   # mmdetection's moving average, updated only where this batch has elements;
@@ -112,32 +117,20 @@ def harmonizing_weights(x: jax.Array, y: jax.Array, valid: jax.Array, *, bins: i
   averaged = jnp.where(populated, momentum * previous + (1 - momentum) * counts, previous)
   density = jnp.where(populated, averaged, 1) * jnp.sum(populated, dtype=dtype)
   per_bin = jnp.where(populated, total / density, 0)
-  weights = jnp.where(counted, _common.per_class_values(per_bin, index), 0)
+  weights = jnp.where(counted, reducing.per_class_values(per_bin, index), 0)
   return jax.lax.stop_gradient(weights), jax.lax.stop_gradient(averaged).astype(state.dtype)
 
 
-@_common.one_program("bins", "ignore_index", "label_smoothing", "reduction", "axis_name",
-                     bounds={})
-def _ghmc_loss(logits: Any, labels: Any, *, bins: Any, momentum: Any, state: Any,
-               weights: Any, where: Any, ignore_index: Any, label_smoothing: Any,
-               reduction: Any, normalizer: Any, axis_name: Any):
-  inputs = _sigmoid.sigmoid_inputs(
-      logits, labels, gamma=0.0, weights=weights, where=where, ignore_index=ignore_index,
-      label_smoothing=label_smoothing, reduction=reduction, normalizer=normalizer)
-  valid = jnp.ones(inputs.x.shape, bool) if inputs.mask is None else inputs.mask
-  if inputs.invalid is not None:
-    valid = valid & ~inputs.invalid  # out-of-range ids (NaN rows) stay out of the histogram
-  harmonizer, new_state = harmonizing_weights(
-      inputs.x, inputs.y, valid, bins=bins, momentum=momentum.astype(inputs.dtype),
-      state=state, axis_name=axis_name)
-  loss = _sigmoid.focal_term(inputs.x, inputs.y, harmonizer, 0.0)
-  return _sigmoid.sigmoid_reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
-                                 axis_name=axis_name), new_state
+@program(family="sigmoid", static=("bins",), stateful=True,
+         bounds={"momentum": checks.Bound(0.0, 1.0, high_open=True)})
+def ghmc_loss(logits: ArrayLike, labels: ArrayLike, *, bins: int = 10,
+              momentum: ArrayLike = 0.0, state: ArrayLike | None = None,
+              weights: ArrayLike | None = None, where: ArrayLike | None = None,
+              ignore_index: int | None = None, label_smoothing: float = 0.0,
+              reduction: Reduction = "none", normalizer: Normalizer = None,
+              axis_name: AxisName = None) -> tuple[jax.Array, jax.Array]:
+  r"""GHM-C: cross-entropy harmonised by the density of gradient norms (sigmoid).
 
-
-@_common.document_loss(
-    "GHM-C: cross-entropy harmonised by the density of gradient norms (sigmoid).",
-    r"""
   With the gradient norm :math:`g = |\sigma(x) - y|` of each element, the
   counts :math:`R_i` of unmasked elements in ``bins`` equal bins of [0, 1], the
   number :math:`n` of non-empty bins and :math:`N` unmasked elements,
@@ -165,8 +158,14 @@ def _ghmc_loss(logits: Any, labels: Any, *, bins: Any, momentum: Any, state: Any
   ``label_weight == 0``; ``weights`` multiply the harmonised loss afterwards
   and do not change the histogram; NaN gradient norms (NaN logits) and
   out-of-range ids are not counted.
-""",
-    _sigmoid._SHAPES + """
+
+  Args:
+    logits: float array of any shape ``[..., C]`` (a scalar with dense labels).
+      bfloat16 and float16 are computed in float32.
+    labels: integer class ids of shape ``logits.shape[:-1]`` (id ``C`` is
+      background, ids outside ``[0, C]`` other than ``ignore_index`` give NaN
+      and stay out of the histogram), or dense float, bool or integer 0/1
+      targets with the shape of ``logits``.
     bins: number of bins, a static Python int >= 1 (default 10; mmdetection's
       RetinaNet config uses 30).
     momentum: moving-average factor in [0, 1), a number or scalar array
@@ -174,8 +173,27 @@ def _ghmc_loss(logits: Any, labels: Any, *, bins: Any, momentum: Any, state: Any
     state: the moving-average counts from the previous step, shape
       ``(bins,)``, from :func:`jfocal.ghmc_init` at first; None means
       ``ghmc_init(bins)``. With ``momentum = 0`` the weights do not depend on
-      it; the new state then holds this batch's counts in its non-empty bins.""",
-    """    >>> import jax.numpy as jnp, jfocal
+      it; the new state then holds this batch's counts in its non-empty bins.
+    weights: per-element weights broadcastable to the unreduced loss; they
+      multiply the harmonised loss and do not change the histogram.
+    where: boolean mask broadcastable to the unreduced loss; masked elements
+      are 0 with zero gradient, leave the mean and the histogram.
+    ignore_index: integer labels equal to it are masked like ``where``.
+    label_smoothing: ``eps`` in [0, 1]: targets become ``(1 - eps) y + eps / 2``.
+    reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
+    normalizer: with ``reduction="mean"``: a number or scalar array dividing
+      the sum instead of ``N``, or ``"num_positives"``.
+    axis_name: name (or tuple of names) of mapped axes over which sums,
+      counts and the histogram are global.
+
+  Returns:
+    The pair ``(loss, new_state)``: the loss as for every jfocal loss (the
+    unreduced loss in the dtype of ``logits``, or a float32 scalar), and the
+    moving-average counts of shape ``(bins,)`` in the dtype of ``state``
+    (JAX's default float when ``state`` is None), with no gradient.
+
+  Examples:
+    >>> import jax.numpy as jnp, jfocal
     >>> jnp.set_printoptions(precision=4, suppress=True)
     >>> logits = jnp.array([[2.0, -1.0, 0.5], [-3.0, 0.0, 4.0]])
     >>> class_ids = jnp.array([0, 3])  # anchor 0 is class 0, anchor 1 background
@@ -185,24 +203,25 @@ def _ghmc_loss(logits: Any, labels: Any, *, bins: Any, momentum: Any, state: Any
     >>> round(float(loss), 4)
     4.8691
     >>> print(state)  # 0.25 x the counts of this first batch
-    [0.5  0.25 0.25 0.25 0.25]""",
-    """    With it, the new state: the moving-average counts of shape ``(bins,)`` in
-    the dtype of ``state`` (float32 when ``state`` is None), with no gradient.
-    Returned as the pair ``(loss, new_state)``.
-""",
-    references="""    Li et al., `Gradient Harmonized Single-stage Detector
+    [0.5  0.25 0.25 0.25 0.25]
+
+  References:
+    Li et al., `Gradient Harmonized Single-stage Detector
     <https://arxiv.org/abs/1811.05181>`_, AAAI 2019; mmdetection's
     ``mmdet/models/losses/ghm_loss.py``.
-""")
-def ghmc_loss(logits: Any, labels: Any, *, bins: int = 10, momentum: Any = 0.0,
-              state: Any = None, weights: Any = None, where: Any = None,
-              ignore_index: int | None = None, label_smoothing: float = 0.0,
-              reduction: str = "none", normalizer: Any = None,
-              axis_name: Any = None) -> tuple[jax.Array, jax.Array]:
+  """
   bins = _check_bins(bins)
-  momentum = _validation.check_scalar_parameter(momentum, "momentum", minimum=0.0, maximum=1.0,
-                                                open_maximum=True)
+  inputs = sigmoid.prepare(logits, labels, weights=weights, where=where,
+                           ignore_index=ignore_index, label_smoothing=label_smoothing)
   state = ghmc_init(bins) if state is None else _check_state(state, bins)
-  return _ghmc_loss(logits, labels, bins=bins, momentum=momentum, state=state, weights=weights,
-                    where=where, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                    reduction=reduction, normalizer=normalizer, axis_name=axis_name)
+  momentum = checks.scalar(momentum, "momentum").astype(inputs.dtype)
+  valid = jnp.ones(inputs.x.shape, bool) if inputs.mask is None else inputs.mask
+  if inputs.invalid is not None:
+    valid = valid & ~inputs.invalid  # out-of-range ids (NaN rows) stay out of the histogram
+  harmonizer, new_state = harmonizing_weights(inputs.x, inputs.y, valid, bins=bins,
+                                              momentum=momentum, state=state,
+                                              axis_name=axis_name)
+  x, factor = sigmoid.fold(inputs, weight=harmonizer)
+  value = focal_term(x, inputs.y, factor, *numerics.split(0.0, inputs.dtype))
+  return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
+                        axis_name=axis_name), new_state

@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from jfocal import _common, _validation
+from jfocal.engine import checks, reduce as reducing
 
 
 def ema_normalizer_init(initial: float = 100.0) -> jax.Array:
@@ -20,7 +20,8 @@ def ema_normalizer_init(initial: float = 100.0) -> jax.Array:
       are not divided by a noisy count.
 
   Returns:
-    A float32 scalar array.
+    A scalar array of JAX's default float dtype (float32, or float64 under
+    ``jax_enable_x64``).
 
   Examples:
     >>> import jfocal
@@ -31,10 +32,10 @@ def ema_normalizer_init(initial: float = 100.0) -> jax.Array:
     Wu et al., `Detectron2 <https://github.com/facebookresearch/detectron2>`_,
     ``modeling/meta_arch/retinanet.py`` (``loss_normalizer``), 2019.
   """
-  initial = _validation.static_number(initial, "initial", minimum=0.0)
+  initial = checks.static_number(initial, "initial", checks.NON_NEGATIVE)
   if initial == 0.0:
     raise ValueError("initial must be > 0 (it divides the loss); got 0.0")
-  return jnp.asarray(initial, jnp.float32)
+  return jnp.asarray(initial, checks.result_float(int))
 
 
 def ema_normalizer(num_positives: Any, state: Any, *, momentum: float = 0.9,
@@ -61,7 +62,8 @@ def ema_normalizer(num_positives: Any, state: Any, *, momentum: float = 0.9,
     axis_name: mapped axis (or axes) over which counts are summed.
 
   Returns:
-    The new state, a float32 scalar array; it is also the normaliser.
+    The new state, a scalar in the compute dtype of ``state`` (float32, or
+    float64 for a float64 state); it is also the normaliser.
 
   Examples:
     >>> import jax.numpy as jnp, jfocal
@@ -77,17 +79,18 @@ def ema_normalizer(num_positives: Any, state: Any, *, momentum: float = 0.9,
     Wu et al., `Detectron2 <https://github.com/facebookresearch/detectron2>`_,
     ``modeling/meta_arch/retinanet.py`` (``loss_normalizer``), 2019.
   """
-  momentum = _validation.static_number(momentum, "momentum", minimum=0.0, maximum=1.0)
+  momentum = checks.static_number(momentum, "momentum", checks.UNIT)
   if momentum == 1.0:
     raise ValueError("momentum must be < 1 (at 1 the count is never used); got 1.0")
-  num_positives = _validation.as_array(num_positives, "num_positives")
-  state = _validation.as_array(state, "state")
-  _validation.require_kind(num_positives, (int, float),
+  num_positives = checks.as_array(num_positives, "num_positives")
+  state = checks.as_array(state, "state")
+  checks.require_kind(num_positives, (int, float),
                            message=f"num_positives must be a count; got dtype {num_positives.dtype}")
-  _validation.require_kind(state, (float,), message=f"state must be a float scalar from "
+  checks.require_kind(state, (float,), message=f"state must be a float scalar from "
                            f"ema_normalizer_init(); got dtype {state.dtype}")
   for value, name in ((num_positives, "num_positives"), (state, "state")):
-    _validation.require(chex.assert_rank, value, 0,
+    checks.require(chex.assert_rank, value, 0,
                         message=f"{name} must be a scalar; got shape {value.shape}")
-  count = _common.global_sum(num_positives.astype(jnp.float32), axis_name)
-  return momentum * state.astype(jnp.float32) + (1.0 - momentum) * jnp.maximum(count, 1.0)
+  dtype = checks.wide_float(state.dtype)
+  count = reducing.global_sum(num_positives.astype(dtype), axis_name)
+  return momentum * state.astype(dtype) + (1.0 - momentum) * jnp.maximum(count, 1.0)

@@ -1,25 +1,27 @@
-"""Independent float64 references: textbook formulas and the paper's closed-form gradients.
+"""Independent float64 references: textbook formulas and the papers' closed-form gradients.
 
 Nothing here imports jfocal. Textbook formulas are written as a reader of the
 paper would write them (sigmoid, log, pow) and are only trusted where float64
 keeps them finite (moderate logits); the closed forms are written with
-log-sigmoid so that they hold at any logit.
+log-sigmoid so that they hold at any logit. Every formula takes dense targets
+``y`` (one-hot for class ids, classes last for the softmax family) and returns
+the unreduced loss.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import REFERENCE_DEVICE
+
+def _sigmoid(x):
+  return 1 / (1 + jnp.exp(-x))
 
 
-def on_reference_device(fn):
-  """Runs `fn` in float64 on the host CPU, whatever the default device is."""
-  def wrapped(*args, **kwargs):
-    with jax.default_device(REFERENCE_DEVICE):
-      args = [None if a is None else jnp.asarray(a).astype(jnp.float64) for a in args]
-      return fn(*args, **kwargs)
-  return wrapped
+def binary_cross_entropy(x, y, pos_weight=None):
+  """-[w y log p + (1 - y) log(1 - p)], PyTorch's BCEWithLogitsLoss with pos_weight w."""
+  p = _sigmoid(x)
+  w = 1.0 if pos_weight is None else pos_weight
+  return -(w * y * jnp.log(p) + (1 - y) * jnp.log(1 - p))
 
 
 def sigmoid_alpha_t(y, alpha):
@@ -28,12 +30,11 @@ def sigmoid_alpha_t(y, alpha):
   return alpha * y + (1 - alpha) * (1 - y)
 
 
-def sigmoid_focal_textbook(x, y, alpha, gamma):
+def sigmoid_focal(x, y, alpha=None, gamma=0.0):
   """-alpha_t (1 - p_t)^gamma [y log p + (1 - y) log(1 - p)], p = 1 / (1 + exp(-x))."""
-  p = 1 / (1 + jnp.exp(-x))
+  p = _sigmoid(x)
   p_t = y * p + (1 - y) * (1 - p)
-  cross_entropy = -(y * jnp.log(p) + (1 - y) * jnp.log(1 - p))
-  return sigmoid_alpha_t(y, alpha) * (1 - p_t) ** gamma * cross_entropy
+  return sigmoid_alpha_t(y, alpha) * (1 - p_t) ** gamma * binary_cross_entropy(x, y)
 
 
 def sigmoid_focal_grad_paper(x, y, alpha, gamma):
@@ -53,16 +54,106 @@ def sigmoid_focal_grad_paper(x, y, alpha, gamma):
   return alpha_t * sign * weight * (gamma * p_t * log_p_t - one_minus_p_t)
 
 
-def softmax_focal_textbook(x, y, alpha, gamma, axis=-1):
+def focal_star(x, y, alpha=None, gamma=1.0, beta=0.0):
+  """Lin et al. 2017, appendix A: FL* = -log sigma(gamma x_t + beta) / gamma, times alpha_t.
+
+  x_t = x for a positive and -x for a negative; a soft target mixes the two.
+  """
+  positive = -jnp.log(_sigmoid(gamma * x + beta)) / gamma
+  negative = -jnp.log(_sigmoid(-gamma * x + beta)) / gamma
+  return sigmoid_alpha_t(y, alpha) * (y * positive + (1 - y) * negative)
+
+
+def poly1_focal(x, y, alpha=None, gamma=0.0, epsilon=1.0):
+  """Leng et al. 2022: FL + eps (1 - p_t)^(gamma + 1); alpha_t weights FL only."""
+  p = _sigmoid(x)
+  p_t = y * p + (1 - y) * (1 - p)
+  return sigmoid_focal(x, y, alpha, gamma) + epsilon * (1 - p_t) ** (gamma + 1)
+
+
+def quality_focal(x, y, beta=2.0):
+  """Li et al. 2020, eq. 5: QFL = -|y - sigma|^beta ((1 - y) log(1 - sigma) + y log sigma)."""
+  return jnp.abs(y - _sigmoid(x)) ** beta * binary_cross_entropy(x, y)
+
+
+def varifocal(x, q, alpha=None, gamma=2.0, iou_weighted=True):
+  """Zhang et al. 2021, eq. 2: -q (q log p + (1 - q) log(1 - p)) if q > 0, -alpha p^gamma log(1 - p)."""
+  p = _sigmoid(x)
+  positive = (q if iou_weighted else 1.0) * binary_cross_entropy(x, q)
+  negative = -(1.0 if alpha is None else alpha) * p ** gamma * jnp.log(1 - p)
+  return jnp.where(q > 0, positive, negative)
+
+
+def ghmc(x, y, bins=10, momentum=0.0, state=None):
+  """mmdetection's GHMC.forward without masks, from a fresh state (``state=None``), in jnp.
+
+  g = |sigma(x) - y| (no gradient) in bins edges[i] <= g < edges[i + 1] (the last
+  one closed by mmdetection's + 1e-6); each element's weight is
+  N / (count of its bin * non-empty bins); the loss is weight * BCE. With
+  momentum > 0 and a fresh (zero) state, the first step's moving average is
+  (1 - momentum) * count.
+  """
+  g = jax.lax.stop_gradient(jnp.abs(_sigmoid(x) - y))
+  edges = jnp.arange(bins + 1) / bins
+  edges = edges.at[-1].add(1e-6)
+  inside = (g[..., None] >= edges[:-1]) & (g[..., None] < edges[1:])
+  counts = jnp.sum(inside, axis=tuple(range(g.ndim)), dtype=x.dtype)
+  if momentum > 0:
+    counts = (1 - momentum) * counts
+  populated = jnp.sum(counts > 0, dtype=x.dtype)
+  per_bin = jnp.where(counts > 0, g.size / jnp.where(counts > 0, counts, 1), 0) / populated
+  weights = jnp.sum(jnp.where(inside, per_bin, 0), axis=-1)
+  return jax.lax.stop_gradient(weights) * binary_cross_entropy(x, y)
+
+
+def ghmc_mmdetection(x, y, valid, bins, momentum, acc_sum, g=None):
+  """mmdetection's GHMC.forward (ghm_loss.py) transcribed to numpy: weights, mean and new acc_sum.
+
+  `g`, the gradient norms, default to float64 ones; a float32 run passes its own
+  (a sigmoid one ulp off moves an element that sits on an edge to the next bin).
+  """
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if g is None:
+    g = np.abs(1 / (1 + np.exp(-x)) - y)
+  edges = np.arange(bins + 1) / bins
+  edges[-1] += 1e-6
+  acc_sum = np.array(acc_sum, np.float64)
+  weights = np.zeros_like(x)
+  total = max(valid.sum(), 1.0)
+  n = 0
+  for i in range(bins):
+    inds = (g >= edges[i]) & (g < edges[i + 1]) & valid
+    num_in_bin = inds.sum()
+    if num_in_bin > 0:
+      if momentum > 0:
+        acc_sum[i] = momentum * acc_sum[i] + (1 - momentum) * num_in_bin
+        weights[inds] = total / acc_sum[i]
+      else:
+        weights[inds] = total / num_in_bin
+      n += 1
+  if n > 0:
+    weights = weights / n
+  cross_entropy = np.logaddexp(0, x) - x * y
+  return weights, np.sum(weights * cross_entropy) / total, acc_sum
+
+
+def softmax(x):
+  p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
+  return p / jnp.sum(p, axis=-1, keepdims=True)
+
+
+def softmax_focal(x, y, alpha=None, gamma=0.0):
   """-sum_c alpha_c y_c (1 - p_c)^gamma log p_c, p = exp(x) / sum exp(x); y a distribution."""
-  p = jnp.exp(x - jnp.max(x, axis=axis, keepdims=True))
-  p = p / jnp.sum(p, axis=axis, keepdims=True)
+  p = softmax(x)
   terms = -y * (1 - p) ** gamma * jnp.log(p)
   if alpha is not None:
-    shape = [1] * x.ndim
-    shape[axis] = -1
-    terms = terms * jnp.reshape(alpha, shape)
-  return jnp.sum(terms, axis=axis)
+    terms = terms * alpha
+  return jnp.sum(terms, axis=-1)
+
+
+def poly1_cross_entropy(x, y, epsilon=1.0):
+  """Leng et al. 2022: CE + eps (1 - p_t), with 1 - p_t = sum_c y_c (1 - p_c) (the paper's code)."""
+  return softmax_focal(x, y) + epsilon * jnp.sum(y * (1 - softmax(x)), axis=-1)
 
 
 def softmax_focal_grad_paper(x, t, alpha, gamma):
@@ -85,3 +176,11 @@ def softmax_focal_grad_paper(x, t, alpha, gamma):
   slope = gamma * p_t * one_minus ** (gamma - 1) * log_p_t - one_minus ** gamma
   alpha_t = 1.0 if alpha is None else np.asarray(alpha, np.float64)[t][..., None]
   return alpha_t * slope * (one_hot - p)
+
+
+def binary_focal_with_pos_weight(x, y, alpha, gamma, pos_weight):
+  """kornia's binary focal loss with ``pos_weight`` for hard targets:
+  -alpha w (1 - p)^gamma y log p - (1 - alpha) p^gamma (1 - y) log(1 - p)."""
+  p = _sigmoid(x)
+  return (-alpha * pos_weight * (1 - p) ** gamma * y * jnp.log(p)
+          - (1 - alpha) * p ** gamma * (1 - y) * jnp.log(1 - p))

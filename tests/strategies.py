@@ -5,7 +5,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from conftest import FLOAT_DTYPES
+from helpers import FLOAT_DTYPES
 
 # Named values first (the paper's 2, the awkward 0 < gamma < 1), then any.
 gammas = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, 3.0]),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import jfocal
+import registry
 
 def _jit(fn):
   """jax.jit with array options traced and the rest (strings, ints) static."""
@@ -21,7 +22,8 @@ def _jit(fn):
 TRANSFORMS = {
     "eager": lambda fn: fn,
     "jit": _jit,
-    "vmap": lambda fn: lambda x, y, **kw: jax.vmap(lambda x, y: fn(x, y, **kw))(x[None], y[None])[0],
+    "vmap": lambda fn: lambda x, y, **kw: jax.vmap(lambda x, y: fn(x, y, **kw))(
+        x[None], jax.tree.map(lambda a: a[None], y))[0],
     "grad": lambda fn: lambda x, y, **kw: jax.grad(lambda x: jnp.sum(fn(x, y, **kw)))(x),
 }
 
@@ -49,6 +51,19 @@ BAD = {
     "zero normalizer": (jfocal.sigmoid_focal_loss, jnp.array([0, 1, 4]),
                         {"reduction": "mean", "normalizer": jnp.array(0.0)}, "normalizer", "[]",
                         "0"),
+    "traced negative gamma": (jfocal.softmax_focal_loss, jnp.array([0, 1, 2]),
+                              {"gamma": jnp.array(-0.5)}, "gamma", "[]", "-0.5"),
+    "dense integer target 2": (jfocal.sigmoid_focal_loss, jnp.zeros((3, 4), jnp.int32).at[1, 2].set(2),
+                               {}, "labels", "[1 2]", "2"),
+    "negative pos_weight": (jfocal.sigmoid_cross_entropy, jnp.array([0, 1, 4]),
+                            {"pos_weight": jnp.array([1.0, -1.0, 1.0, 1.0])}, "pos_weight", "[1]",
+                            "-1"),
+    "quality score above 1": (jfocal.quality_focal_loss, (jnp.array([0, 1, 4]),
+                                                          jnp.array([0.5, 1.5, 0.2])), {},
+                              "scores", "[1]", "1.5"),
+    "per-logit mask keeps a bad id's row": (
+        jfocal.softmax_cross_entropy, jnp.array([0, 7, 1]),
+        {"where": jnp.ones((3, 4), bool).at[0].set(False)}, "labels", "[1]", "7"),
 }
 
 
@@ -58,7 +73,7 @@ def test_bad_values_raise_naming_argument_index_and_value(case, transform):
   loss, labels, options, name, index, value = BAD[case]
   if transform == "vmap" and options.get("reduction") == "mean":
     pytest.skip("a reduced loss has no batch axis to map over here")
-  if name == "alpha" and transform != "jit":
+  if name in ("alpha", "gamma", "pos_weight") and transform != "jit":
     pytest.skip("a concrete alpha is rejected at trace time already (test_validation)")
   fn = TRANSFORMS[transform](jfocal.checked(loss))
   with pytest.raises(Exception) as info:
@@ -97,3 +112,18 @@ def test_finite_logits_is_opt_in():
 def test_only_jfocal_losses_can_be_wrapped():
   with pytest.raises(TypeError, match="checked"):
     jfocal.checked(jnp.sum)
+
+
+@pytest.mark.parametrize("loss", registry.PARAMS)
+def test_every_loss_can_be_checked(loss):
+  """checked() wraps every loss: valid values give the plain result, an out-of-range id raises."""
+  logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 4)), jnp.float32)
+  ids = jnp.array([0, 2, 3])
+  checked = jfocal.checked(loss.fn)
+  options = loss.options(4)
+  for got, expected in zip(jax.tree.leaves(checked(logits, ids, **options)),
+                           jax.tree.leaves(loss.fn(logits, ids, **options))):
+    np.testing.assert_array_equal(got, expected)
+  bad = ids.at[1].set(9)
+  with pytest.raises(Exception, match=re.escape("first offending index [1] holds 9")):
+    jax.block_until_ready(jax.jit(lambda x, y: checked(x, y, **options))(logits, bad))

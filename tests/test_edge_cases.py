@@ -1,4 +1,6 @@
-"""Defined answers at the edges of the domain: empty, masked, infinite, NaN, odd dtypes."""
+"""Defined answers at the edges of the domain: infinite, NaN, odd dtypes, recompilation.
+
+Empty and all-masked inputs are properties of the fuzz campaign (tests/test_fuzz.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,37 +8,11 @@ import numpy as np
 import pytest
 
 import jfocal
-from test_common import NUM_CLASSES, loss  # noqa: F401  (loss is a fixture)
+import registry
 
 INF = np.inf
-
-
-def _labels(family, batch_shape):
-  return jnp.zeros(batch_shape, jnp.int32) + (NUM_CLASSES if family == "sigmoid" else 1)
-
-
-@pytest.mark.parametrize("batch_shape", [(0,), (2, 0)])
-def test_empty_inputs(loss, batch_shape, transform):
-  fn, family = loss
-  logits = jnp.zeros(batch_shape + (NUM_CLASSES,), jnp.float32)
-  labels = _labels(family, batch_shape)
-  unreduced = transform(lambda x: fn(x, labels))(logits)
-  assert unreduced.shape == (logits.shape if family == "sigmoid" else batch_shape)
-  for reduction in ("sum", "mean"):
-    value = transform(lambda x: fn(x, labels, reduction=reduction))(logits)
-    assert float(value) == 0.0
-  grad = jax.grad(lambda x: fn(x, labels, reduction="mean"))(logits)
-  assert grad.shape == logits.shape and grad.dtype == logits.dtype
-
-
-def test_all_ignored_mean_is_zero(loss, transform):
-  fn, family = loss
-  logits = jnp.ones((4, NUM_CLASSES), jnp.float32)
-  labels = jnp.full((4,), -1)
-  value = transform(lambda x: fn(x, labels, ignore_index=-1, reduction="mean"))(logits)
-  assert float(value) == 0.0
-  assert np.all(np.asarray(jax.grad(lambda x: fn(x, labels, ignore_index=-1,
-                                                  reduction="mean"))(logits)) == 0)
+NUM_CLASSES = 3
+PARAMS = registry.PARAMS
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -85,14 +61,20 @@ def test_nan_logits_poison_only_their_own_entry(family):
   assert np.all(np.isfinite(grad[rows]))
 
 
-@pytest.mark.parametrize("dtype", [jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32,
-                                   jnp.uint32, jnp.int64])
-def test_integer_labels_of_every_integer_dtype(loss, dtype):
-  fn, family = loss
+INTEGER_DTYPES = (jnp.int8, jnp.uint8, jnp.int16, jnp.uint16, jnp.int32, jnp.uint32, jnp.int64)
+
+
+@pytest.mark.parametrize("loss", PARAMS)
+def test_integer_labels_of_every_integer_dtype(loss):
+  """Each family converts ids once (`checks.wide_ids`): every dtype for the first loss of a
+  family, uint8 and int64 for the others."""
   logits = jnp.asarray(np.random.default_rng(1).normal(size=(5, NUM_CLASSES)), jnp.float32)
   ids = np.array([0, 1, 2, 1, 0])
-  expected = fn(logits, jnp.asarray(ids, jnp.int32))
-  np.testing.assert_array_equal(fn(logits, jnp.asarray(ids).astype(dtype)), expected)
+  expected = loss(logits, jnp.asarray(ids, jnp.int32))
+  first = loss.name in (registry.SIGMOID[0], registry.SOFTMAX[0])
+  for dtype in INTEGER_DTYPES if first else (jnp.uint8, jnp.int64):
+    np.testing.assert_array_equal(loss(logits, jnp.asarray(ids).astype(dtype)), expected,
+                                  err_msg=str(dtype))
 
 
 def test_many_classes_with_narrow_label_dtypes():
@@ -111,17 +93,17 @@ def test_weakly_typed_python_scalars_compute_in_float32():
     assert value.dtype == jnp.float32 and value.shape == ()
 
 
+@pytest.mark.parametrize("loss", PARAMS)
 def test_results_are_bitwise_reproducible_and_jit_is_within_one_ulp_of_eager(loss):
-  fn, family = loss
   logits = jnp.asarray(np.random.default_rng(2).normal(size=(64, NUM_CLASSES)) * 5, jnp.float32)
   labels = jnp.asarray(np.random.default_rng(3).integers(0, NUM_CLASSES, size=64))
-  jitted = jax.jit(lambda x: fn(x, labels))
+  jitted = jax.jit(lambda x: loss(x, labels))
   first, second = jitted(logits), jitted(logits)
   np.testing.assert_array_equal(first, second)
-  np.testing.assert_array_max_ulp(np.asarray(first), np.asarray(fn(logits, labels)), maxulp=1)
+  np.testing.assert_array_max_ulp(np.asarray(first), np.asarray(loss(logits, labels)), maxulp=1)
 
 
-def test_traced_arguments_do_not_recompile_and_static_gamma_does():
+def test_traced_arguments_do_not_recompile_and_a_python_gamma_does():
   traces = []
 
   @jax.jit
@@ -142,6 +124,10 @@ def test_traced_arguments_do_not_recompile_and_static_gamma_does():
   static(x, gamma=2.0)
   static(x, gamma=0.5)
   assert static._cache_size() - before == 2, "gamma is static: one compilation per value"
+  traced = jax.jit(lambda x, gamma: jfocal.sigmoid_focal_loss(x, jnp.array([0, 1]), gamma=gamma))
+  for gamma in (2.0, 0.5, 0.0):
+    traced(x, jnp.float32(gamma))
+  assert traced._cache_size() == 1, "an array gamma is traced: one compilation for all"
 
 
 def test_eager_calls_compile_once_per_static_configuration():

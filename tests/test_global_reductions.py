@@ -1,4 +1,4 @@
-"""axis_name on one device (vmap's named axes) and the EMA normaliser.
+"""axis_name on one device (vmap's named axes) for every loss, and the EMA normaliser.
 
 The same on 8 devices and two processes: tests/test_multidevice.py.
 """
@@ -9,21 +9,38 @@ import numpy as np
 import pytest
 
 import jfocal
-from conftest import assert_close
-from test_common import NUM_CLASSES, _batch, loss  # noqa: F401  (loss is a fixture)
+import registry
+from helpers import assert_close
 
 
-@pytest.mark.parametrize("reduction, normalizer",
-                         [("sum", None), ("mean", None), ("mean", "num_positives")])
-def test_axis_name_reduces_over_a_named_vmap_axis(loss, reduction, normalizer, transform):
-  """vmap over images with axis_name: every image gets the loss of the whole batch."""
-  fn, family = loss
-  logits, ids = _batch(family)
-  expected = fn(logits, ids, reduction=reduction, normalizer=normalizer)
-  per_image = jax.vmap(
-      lambda x, y: fn(x, y, reduction=reduction, normalizer=normalizer, axis_name="images"),
-      axis_name="images")
-  assert_close(transform(per_image)(logits, ids), np.full(len(ids), expected), jnp.float32)
+@pytest.mark.parametrize("loss", registry.PARAMS)
+@pytest.mark.parametrize("reduction, normalizer", [("sum", None), ("mean", "num_positives")])
+def test_axis_name_gives_the_global_batchs_loss_and_gradient(loss, reduction, normalizer):
+  """vmap over images with axis_name: every image gets the loss of the whole batch, and
+  the gradients together are the whole batch's gradient (GHM-C: also its state)."""
+  rng = np.random.default_rng(8)
+  x = jnp.asarray(rng.normal(size=(2, 6, 3)) * 3, jnp.float32)
+  top = 4 if loss.family == "sigmoid" else 3
+  ids = jnp.asarray(rng.integers(0, top, size=(2, 6)))
+  keep = jnp.asarray(rng.uniform(size=(2, 6)) < 0.8)
+  where = keep[..., None] if loss.family == "sigmoid" else keep
+  options = dict(loss.options(3), reduction=reduction, normalizer=normalizer)
+  whole = lambda x: loss.fn(x.reshape(12, 3), ids.reshape(12),
+                            where=where.reshape((12,) + where.shape[2:]), **options)
+  split = jax.vmap(lambda x, y, w: loss.fn(x, y, where=w, axis_name="images", **options),
+                   axis_name="images")
+  expected, got = whole(x), jax.jit(split)(x, ids, where)
+  if not loss.stateful:
+    expected, got = (expected,), (got,)
+  for part, (g, e) in enumerate(zip(got, expected)):
+    for image in range(2):
+      assert_close(g[image], e, jnp.float32, what=f"result {part} of image {image}")
+  first = (lambda result: result[0]) if loss.stateful else (lambda result: result)
+  grad_whole = jax.grad(lambda x: first(whole(x)))(x)
+  # Each image differentiates its own copy of the global loss with respect to
+  # its own logits (jfocal.engine.reduce.global_sum): together, the global gradient.
+  grad_split = jax.grad(lambda x: jnp.sum(first(split(x, ids, where))))(x)
+  assert_close(grad_split, grad_whole, jnp.float32)
 
 
 def test_axis_name_is_static_and_checked():
@@ -36,10 +53,12 @@ def test_ema_normalizer_follows_detectron2():
   state = jfocal.ema_normalizer_init(100.0)
   for count, expected in ((20, 92.0), (0, 82.9), (40.0, 78.61)):
     state = jax.jit(jfocal.ema_normalizer)(jnp.asarray(count), state)
-    assert state.dtype == jnp.float32 and state.shape == ()
+    assert state.dtype == jnp.float64 and state.shape == ()  # x64: JAX's default float
     # max(count, 1): a batch without positives moves the average towards 1, not 0.
-    assert_close(state, expected, jnp.float32)
-  assert_close(jfocal.ema_normalizer(3, state, momentum=0.0), 3.0, jnp.float32)
+    assert_close(state, expected, jnp.float64)
+  assert_close(jfocal.ema_normalizer(3, state, momentum=0.0), 3.0, jnp.float64)
+  float32_state = jfocal.ema_normalizer(jnp.asarray(20), jnp.float32(100.0))
+  assert float32_state.dtype == jnp.float32 and float(float32_state) == 92.0
 
 
 @pytest.mark.parametrize("call, error, message", [

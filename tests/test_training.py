@@ -10,12 +10,7 @@ import pytest
 import jfocal
 
 
-@pytest.fixture(autouse=True)
-def standard_promotion():
-  # optax's own update rules (adam's bias correction) mix int32 and float
-  # under strict promotion; jfocal itself is covered by strict mode elsewhere.
-  with jax.numpy_dtype_promotion("standard"):
-    yield
+pytestmark = pytest.mark.usefixtures("standard_promotion")
 
 
 def _imbalanced_problem(seed=0, n=512, positive_fraction=0.05):

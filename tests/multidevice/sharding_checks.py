@@ -17,11 +17,13 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import jfocal
-from conftest import assert_close
-from test_common import LOSSES, NUM_CLASSES
-from test_training import standard_promotion  # noqa: F401  (a fixture)
+import registry
+from helpers import assert_close
 
-REDUCTIONS = [("none", None), ("sum", None), ("mean", None), ("mean", "num_positives")]
+NUM_CLASSES = 3
+
+# The unreduced loss, and the mean over the positives, which needs every global count.
+REDUCTIONS = [("none", None), ("mean", "num_positives")]
 # Collectives that would move logits-sized data between devices.
 MOVING_COLLECTIVES = ("all-gather", "all-to-all", "collective-permute", "reduce-scatter")
 
@@ -32,10 +34,10 @@ def eight_devices():
     pytest.fail(f"run through tests/test_multidevice.py: needs 8 devices, has {jax.device_count()}")
 
 
-@pytest.fixture(params=sorted(LOSSES))
+@pytest.fixture(params=registry.PARAMS)
 def loss(request):
-  fn, family, options = LOSSES[request.param]
-  return (lambda *args, **kw: fn(*args, **options, **kw)), family
+  """A registry loss as (its loss without state, its family)."""
+  return request.param, request.param.family
 
 
 def batch(family, images=16, anchors=12, seed=0):
@@ -75,19 +77,22 @@ def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction,
   assert grad.sharding.spec[:2] == ("images", "anchors"), "the gradient stays sharded"
   assert_close(jax.jit(call)(*sharded), call(logits, ids), jnp.float32)
 
-  for program, reduces in ((jax.jit(call), reduction != "none"), (step, True)):
+  # GHM-C sums its histogram whatever the reduction.
+  for program, reduces in ((jax.jit(call), reduction != "none" or not fn.elementwise), (step, True)):
     ops = collectives(program.lower(*sharded).compile())
     moving = [name for name, _ in ops if name in MOVING_COLLECTIVES]
     assert not moving, f"logits-sized data moves between devices: {moving}"
     sizes = [shapes for name, shapes in ops if name == "all-reduce"]
-    assert all(dims == "" for shapes in sizes for dims in shapes), (
-        f"only scalars may be all-reduced; got shapes {sizes}")
+    # Scalars only; GHM-C also sums its histogram of gradient norms, one count per bin.
+    allowed = {""} | ({str(fn.params["bins"])} if fn.name == "ghmc_loss" else set())
+    assert all(dims in allowed for shapes in sizes for dims in shapes), (
+        f"only scalars (and GHM-C's histogram) may be all-reduced; got shapes {sizes}")
     assert bool(sizes) == reduces, f"a global reduction all-reduces partial sums; got {ops}"
 
 
 # Every reduction over one mesh axis; the detector's reduction also over two.
 MAPPED = ([(reduction, normalizer, ("data",)) for reduction, normalizer in REDUCTIONS]
-          + [("mean", "num_positives", ("images", "anchors"))])
+          + [("sum", None, ("data",)), ("mean", "num_positives", ("images", "anchors"))])
 
 
 @pytest.mark.parametrize("reduction, normalizer, axes", MAPPED)
@@ -210,7 +215,7 @@ def test_data_parallel_training_steps_match_one_device(standard_promotion):
 def test_ghmc_histogram_is_global_when_sharded_or_mapped():
   """GHM-C's weights depend on the whole batch: sharded and mapped runs see all of it."""
   logits, ids = batch("sigmoid")
-  state = jfocal.ghmc_init(5) + jnp.arange(5, dtype=jnp.float32)
+  state = jfocal.ghmc_init(5, dtype=jnp.float32) + jnp.arange(5, dtype=jnp.float32)
   loss = lambda x, y, s, **kw: jfocal.ghmc_loss(x, y, bins=5, momentum=0.5, state=s,
                                                 reduction="mean", **kw)
   (expected, expected_state), expected_grad = jax.value_and_grad(loss, has_aux=True)(

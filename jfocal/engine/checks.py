@@ -1,8 +1,9 @@
 """Trace-time argument checks shared by every loss.
 
 Everything here looks only at Python values, shapes and dtypes, so it runs the
-same way eagerly and while `jax.jit` traces. Values that are only known at run
-time (traced alpha, weights, labels) are left to the caller.
+same way eagerly and while `jax.jit` traces. Values are checked only where
+they are concrete (`check_bounds`, called by `jfocal.engine.program` before
+the program is traced); traced values are left to `jfocal.checked`.
 
 chex does the shape and dtype assertions; its `AssertionError` is turned into
 the `ValueError` or `TypeError` a user expects, with a sentence naming the
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import chex
 import jax
@@ -22,6 +23,34 @@ import numpy as np
 
 REDUCTIONS = ("none", "sum", "mean")
 NUM_POSITIVES = "num_positives"
+
+
+class Bound(NamedTuple):
+  """The interval a hyper-parameter's values must lie in (every entry, for a vector)."""
+  low: float = 0.0
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+
+  def holds(self, values: Any, xp: Any = np) -> Any:
+    """Where ``values`` lie in the interval, with NumPy or (``xp=jnp``) traced."""
+    above = values > self.low if self.low_open else values >= self.low
+    below = values < self.high if self.high_open else values <= self.high
+    return xp.isfinite(values) & above & below
+
+  def describe(self) -> str:
+    if not math.isfinite(self.low) and not math.isfinite(self.high):
+      return "be finite"
+    if math.isfinite(self.high):
+      return (f"lie in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+              f"{')' if self.high_open else ']'}")
+    return f"be finite and {'>' if self.low_open else '>='} {self.low:g}"
+
+
+FINITE = Bound(-math.inf)
+NON_NEGATIVE = Bound()
+POSITIVE = Bound(low_open=True)
+UNIT = Bound(0.0, 1.0)
 
 
 def require(assertion: Callable[..., Any], *args: Any, error: type[Exception] = ValueError,
@@ -64,21 +93,49 @@ def wide_float(dtype: Any) -> np.dtype:
   return np.dtype(jnp.float64) if np.dtype(dtype) == np.dtype(jnp.float64) else np.dtype(jnp.float32)
 
 
+def result_float(dtype: Any) -> np.dtype:
+  """The dtype of a helper's result: a float input's compute dtype, else JAX's default float."""
+  if jnp.issubdtype(dtype, jnp.floating):
+    return wide_float(dtype)
+  return np.dtype(jnp.asarray(0.0).dtype)  # float64 under jax_enable_x64, else float32
+
+
 def is_concrete(value: Any) -> bool:
   return not isinstance(value, jax.core.Tracer)
 
 
-def static_number(value: Any, name: str, *, minimum: float = -math.inf,
-                  maximum: float = math.inf) -> float:
-  """A Python float from a static number, checked against [minimum, maximum]."""
+def check_bounds(value: Any, name: str, bound: Bound) -> None:
+  """Checks that a concrete value (every entry of an array) lies in `bound`.
+
+  Traced arrays, None and non-real dtypes are left alone (the latter for the
+  checks of the argument's kind). Takes the caller's object rather than a
+  `jnp` array made from it: under `jax.jit` even a Python constant becomes a
+  tracer once converted.
+  """
+  if value is None or not is_concrete(value) or isinstance(value, (str, tuple, list)):
+    return
+  if isinstance(value, (bool, np.bool_)):
+    return
+  dtype = np.asarray(value).dtype
+  if not (np.issubdtype(dtype, np.integer) or np.issubdtype(dtype, np.floating)
+          or dtype == jnp.bfloat16):
+    return
+  host = np.asarray(value, dtype=np.float64)
+  bad = ~bound.holds(host)
+  if bad.any():
+    index = tuple(int(i) for i in np.argwhere(bad)[0]) if host.ndim else ()
+    where = f" at index {index}" if host.ndim else ""
+    raise ValueError(f"{name} must {bound.describe()}; got {host[index]!r}{where}")
+
+
+def static_number(value: Any, name: str, bound: Bound = FINITE) -> float:
+  """A Python float from a static number, checked against `bound`."""
   require_static(value, name)
   if isinstance(value, (bool, np.bool_)) or not (
       isinstance(value, numbers.Real) or (hasattr(value, "shape") and np.shape(value) == ())):
     raise TypeError(f"{name} must be a real number; got {value!r}")
   number = float(value)
-  if not (math.isfinite(number) and minimum <= number <= maximum):
-    bounds = f"[{minimum:g}, {maximum:g}]" if math.isfinite(maximum) else f">= {minimum:g}"
-    raise ValueError(f"{name} must be a finite number {bounds}; got {number!r}")
+  check_bounds(number, name, bound)
   return number
 
 
@@ -103,48 +160,45 @@ def static_option(value: Any, name: str) -> Any:
   return value
 
 
-def check_gamma(gamma: Any) -> float:
-  return static_number(gamma, "gamma", minimum=0.0)
+def scalar(value: Any, name: str) -> jax.Array:
+  """A real scalar that may be traced (a hyper-parameter such as epsilon), as an array."""
+  if isinstance(value, (str, bool, np.bool_)) or value is None:
+    raise TypeError(f"{name} must be a real number or a scalar array; got {value!r}")
+  array = as_array(value, name)
+  require_kind(array, (float, int), message=f"{name} must be a real number; got dtype {array.dtype}")
+  require(chex.assert_rank, array, 0,
+          message=f"{name} must be a scalar (a number or a 0-d array); got shape {array.shape}")
+  return array
+
+
+def parameter(value: Any, name: str) -> float | jax.Array:
+  """A hyper-parameter as a core takes it: a static Python float, or a traced scalar array.
+
+  Python numbers (and NumPy scalars) stay static and specialise the program;
+  JAX arrays and tracers are traced. Bounds are checked by `program` before
+  tracing, where values are concrete.
+  """
+  if isinstance(value, jax.Array):
+    array = scalar(value, name)
+    return array if jnp.issubdtype(array.dtype, jnp.floating) else array.astype(float)
+  return static_number(value, name)
 
 
 def check_label_smoothing(label_smoothing: Any) -> float:
-  return static_number(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0)
+  return static_number(label_smoothing, "label_smoothing", UNIT)
 
 
-def check_probabilities(values: Any, name: str, *, maximum: float = 1.0) -> None:
-  """Checks that concrete values lie in [0, maximum] (finite and >= 0 for an infinite maximum).
-
-  Traced arrays are left alone. Takes the caller's object rather than a `jnp`
-  array made from it: under `jax.jit` even a Python constant becomes a tracer
-  once converted. None and non-real dtypes are left to the checks of the
-  argument's kind.
-  """
-  if values is None or not is_concrete(values):
-    return
-  dtype = as_array(values, name).dtype
-  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
-    return
-  host = np.asarray(values, dtype=np.float64)
-  bad = ~((host >= 0.0) & (host <= maximum) & np.isfinite(host))
-  if bad.any():
-    index = tuple(int(i) for i in np.argwhere(bad)[0]) if host.ndim else ()
-    expected = f"lie in [0, {maximum:g}]" if math.isfinite(maximum) else "be finite and >= 0"
-    raise ValueError(f"{name} must {expected}; got {host[index]!r} at index {index}")
-
-
-def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool,
-                maximum: float = 1.0) -> jax.Array:
-  """A number (if allowed) or a per-class vector of length `num_classes`, in [0, maximum].
+def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> jax.Array:
+  """A number (if allowed) or a per-class vector of length `num_classes` (shape and dtype only).
 
   `num_classes` is None for logits without a class axis, where only a number fits.
   """
-  raw, alpha = alpha, as_array(alpha, "alpha")
+  alpha = as_array(alpha, "alpha")
   require_kind(alpha, (float, int),
                message=f"alpha must hold real numbers; got dtype {alpha.dtype}")
   expected = f"a per-class vector of shape ({num_classes},)"
   if allow_scalar:
     if alpha.ndim == 0:
-      check_probabilities(raw, "alpha", maximum=maximum)
       return alpha
     if num_classes is None:
       raise ValueError(f"alpha must be a number for logits without a class axis; "
@@ -155,8 +209,20 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool,
   require(chex.assert_shape, alpha, (num_classes,),
           message=f"alpha must have one entry per class, shape ({num_classes},); "
           f"got shape {alpha.shape}")
-  check_probabilities(raw, "alpha", maximum=maximum)
   return alpha
+
+
+def check_per_class(value: Any, name: str, num_classes: int | None) -> jax.Array:
+  """A real number or a per-class vector of shape ``(C,)`` (``pos_weight``)."""
+  array = as_array(value, name)
+  require_kind(array, (float, int), message=f"{name} must hold real numbers; got dtype "
+               f"{array.dtype}")
+  if array.ndim == 0:
+    return array
+  if num_classes is None or array.shape != (num_classes,):
+    raise ValueError(f"{name} must be a number or a per-class vector of shape "
+                     f"({num_classes},); got shape {array.shape}")
+  return array
 
 
 def check_reduction(reduction: Any, normalizer: Any) -> None:
@@ -181,17 +247,17 @@ def check_reduction(reduction: Any, normalizer: Any) -> None:
           f"got shape {array.shape}")
 
 
-def check_broadcastable(value: jax.Array, shape: tuple[int, ...], name: str) -> None:
+def check_broadcastable(value: jax.Array, shape: tuple[int, ...], name: str, target: str) -> None:
   require(chex.assert_is_broadcastable, value.shape, shape,
-          message=f"{name} of shape {value.shape} must broadcast to the unreduced loss "
-          f"shape {shape}")
+          message=f"{name} of shape {value.shape} must broadcast to {target} {shape}")
 
 
-def check_mask(where: Any, shape: tuple[int, ...]) -> jax.Array:
+def check_mask(where: Any, shape: tuple[int, ...], target: str = "the unreduced loss shape"
+               ) -> jax.Array:
   where = as_array(where, "where")
   require(chex.assert_type, where, bool, error=TypeError,
           message=f"where must be a boolean mask; got dtype {where.dtype}")
-  check_broadcastable(where, shape, "where")
+  check_broadcastable(where, shape, "where", target)
   return where
 
 
@@ -199,61 +265,40 @@ def check_weights(weights: Any, shape: tuple[int, ...]) -> jax.Array:
   weights = as_array(weights, "weights")
   require_kind(weights, (float, int),
                message=f"weights must hold real numbers; got dtype {weights.dtype}")
-  check_broadcastable(weights, shape, "weights")
+  check_broadcastable(weights, shape, "weights", "the unreduced loss shape")
   return weights
 
 
-def check_ignore_index(ignore_index: Any, labels: jax.Array) -> int | None:
+def check_ignore_index(ignore_index: Any, labels: jax.Array, name: str = "labels") -> int | None:
   if ignore_index is None:
     return None
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise TypeError(
-        f"ignore_index applies to integer class labels; got labels of dtype {labels.dtype}. "
+        f"ignore_index applies to integer labels; got {name} of dtype {labels.dtype}. "
         "Use where= to mask float labels")
   if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, numbers.Integral):
     raise TypeError(f"ignore_index must be a Python int; got {ignore_index!r}")
   return int(ignore_index)
 
 
-def check_labels_dtype(labels: jax.Array) -> None:
+def check_labels_dtype(labels: jax.Array, name: str = "labels") -> None:
   require_kind(labels, (float, int, bool),
-               message=f"labels must be integer class ids, or float or bool targets; "
-          f"got dtype {labels.dtype}")
+               message=f"{name} must be integer class ids, or float or bool targets; "
+               f"got dtype {labels.dtype}")
 
 
-def check_same_shape(labels: jax.Array, logits: jax.Array, what: str) -> None:
+def check_same_shape(labels: jax.Array, logits: jax.Array, what: str,
+                     name: str = "labels") -> None:
   require(chex.assert_equal_shape, [labels, logits],
-          message=f"{what} labels must have the shape of logits {logits.shape}; "
+          message=f"{what} {name} must have the shape of logits {logits.shape}; "
           f"got {labels.shape}")
 
 
-def check_class_id_shape(labels: jax.Array, expected: tuple[int, ...], hint: str) -> None:
+def check_class_id_shape(labels: jax.Array, expected: tuple[int, ...], hint: str,
+                         name: str = "labels") -> None:
   require(chex.assert_shape, labels, expected,
-          message=f"integer class-id labels must have shape {expected} ({hint}); "
+          message=f"integer class ids ({name}) must have shape {expected} ({hint}); "
           f"got {labels.shape}")
-
-
-def check_scalar_parameter(value: Any, name: str, *, minimum: float = -math.inf,
-                           maximum: float = math.inf, open_maximum: bool = False) -> jax.Array:
-  """A real scalar that may be traced, as an array; its value is checked when concrete."""
-  if isinstance(value, (str, bool, np.bool_)) or value is None:
-    raise TypeError(f"{name} must be a real number or a scalar array; got {value!r}")
-  array = as_array(value, name)
-  require_kind(array, (float, int), message=f"{name} must be a real number; got dtype {array.dtype}")
-  require(chex.assert_rank, array, 0,
-          message=f"{name} must be a scalar (a number or a 0-d array); got shape {array.shape}")
-  if is_concrete(value):
-    number = float(np.asarray(value))
-    above = number < maximum if open_maximum else number <= maximum
-    if not (math.isfinite(number) and minimum <= number and above):
-      if math.isfinite(minimum) and math.isfinite(maximum):
-        bounds = f" in [{minimum:g}, {maximum:g}{')' if open_maximum else ']'}"
-      elif math.isfinite(minimum):
-        bounds = f" >= {minimum:g}"
-      else:
-        bounds = ""
-      raise ValueError(f"{name} must be a finite number{bounds}; got {number!r}")
-  return array
 
 
 def check_scores(scores: Any, shape: tuple[int, ...]) -> jax.Array:
@@ -265,3 +310,17 @@ def check_scores(scores: Any, shape: tuple[int, ...]) -> jax.Array:
     raise ValueError(f"scores must have the shape of the class ids {shape}, one score per "
                      f"anchor; got shape {scores.shape}")
   return scores
+
+
+def wide_ids(labels: jax.Array, ignore_index: int | None) -> tuple[jax.Array, int | None]:
+  """Integer labels of any integer dtype as one signed dtype, and the ignore_index it can hold.
+
+  Ids that do not fit wrap to negative values, which are out of range (NaN),
+  never a valid class; an ignore_index no label can equal becomes None.
+  """
+  wide = jnp.int64 if labels.dtype.itemsize == 8 or labels.dtype == jnp.uint32 else jnp.int32
+  labels = labels.astype(wide if jax.config.read("jax_enable_x64") else jnp.int32)
+  info = jnp.iinfo(labels.dtype)
+  if ignore_index is not None and not info.min <= ignore_index <= info.max:
+    ignore_index = None
+  return labels, ignore_index

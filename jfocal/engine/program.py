@@ -1,0 +1,107 @@
+"""`program`: how a public loss function is called, and the registry of public losses.
+
+Every public loss is a plain function of its documented arguments, written in
+terms of its family's engine (`jfocal.engine.sigmoid`, `jfocal.engine.softmax`),
+and decorated with `program`. The decorator
+
+- binds the call to the function's own signature (so keywords, defaults and
+  positional use behave as the signature says);
+- sorts the options into *static* ones, whose values specialise the compiled
+  program and key its cache (``reduction``, ``ignore_index``,
+  ``label_smoothing``, ``axis``, ``axis_name``, a string ``normalizer``, the
+  names in ``static``, and the names in ``specialising`` when they are Python
+  numbers), and *traced* ones (arrays, and every other number), whose new
+  values never recompile;
+- checks the concrete values of the options in ``bounds`` (for an array,
+  every entry), which under `jax.jit` would be tracers;
+- runs the body as one `jax.jit` program, also when called eagerly. Eagerly,
+  JAX would run every operation as its own kernel, while under a caller's
+  `jax.jit` XLA fuses them, and fused arithmetic may round differently:
+  compiling the body in both cases makes an eager call return what the jitted
+  one does;
+- records the loss in `REGISTRY` (its family, its label argument and its
+  bounds), which `jfocal.checked` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar
+
+import jax
+
+from jfocal.engine import checks
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# Options whose values specialise every loss's program.
+COMMON_STATIC = frozenset({"ignore_index", "label_smoothing", "reduction", "axis", "axis_name"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInfo:
+  """What `jfocal.checked` needs to know about a public loss."""
+  name: str
+  family: Literal["sigmoid", "softmax"]
+  labels: str                     # the name of the labels argument (labels, scores, targets)
+  bounds: Mapping[str, checks.Bound]
+  stateful: bool                  # returns (loss, state)
+  specialising: frozenset[str]    # hyper-parameters whose Python numbers specialise the program
+
+
+REGISTRY: dict[Callable[..., Any], LossInfo] = {}
+
+
+def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = (),
+            specialising: tuple[str, ...] = (),
+            bounds: Mapping[str, checks.Bound] | None = None,
+            stateful: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]:
+  """Makes ``fn`` a public loss; see the module docstring."""
+  bounds = dict(bounds or {})
+  static_names = COMMON_STATIC | frozenset(static)
+
+  def decorate(fn: Callable[P, R]) -> Callable[P, R]:
+    signature = inspect.signature(fn)
+    logits_name, labels_name = list(signature.parameters)[:2]
+
+    def body(arrays: dict[str, Any], static_items: tuple[tuple[str, Any], ...]) -> Any:
+      return fn(**arrays, **dict(static_items))  # type: ignore[call-arg]
+
+    compiled = jax.jit(body, static_argnames="static_items")
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+      call = signature.bind(*args, **kwargs)
+      call.apply_defaults()
+      arrays: dict[str, Any] = {}
+      static_items = []
+      for name, value in call.arguments.items():
+        if name == logits_name:
+          arrays[name] = checks.as_array(value, name)
+        elif name == labels_name:
+          arrays[name] = value  # may be a (class_ids, scores) pair
+        elif name in static_names or (name == "normalizer" and (value is None
+                                                                or isinstance(value, str))):
+          static_items.append((name, checks.static_option(value, name)))
+        elif name in specialising and not isinstance(value, jax.Array):
+          bound = bounds.get(name, checks.FINITE)
+          static_items.append((name, checks.static_number(value, name, bound)))
+        else:
+          if isinstance(value, str):
+            raise TypeError(f"{name} must be a number or an array; got {value!r}")
+          if isinstance(value, (list, tuple)):
+            value = checks.as_array(value, name)
+          if name in bounds:
+            checks.check_bounds(value, name, bounds[name])
+          arrays[name] = value
+      return compiled(arrays, tuple(static_items))
+
+    REGISTRY[run] = LossInfo(fn.__name__, family, labels_name, bounds, stateful,
+                             frozenset(specialising))
+    return run
+
+  return decorate

@@ -1,0 +1,316 @@
+r"""The softmax family's engine: inputs, the log-normaliser, the class sum and the reduction.
+
+A softmax loss is a *term* ``t(n)`` of the negative log-probability
+``n_c = -log p_c >= 0`` of a class (``n`` for cross-entropy,
+``(1 - e^{-n})^gamma n`` for focal loss), summed over the classes with the
+target mass: ``sum_c alpha_c y_c t(n_c)``, which for a class id ``k`` is
+``alpha_k t(n_k)`` (no one-hot is ever built). The steps:
+
+1. `prepare` turns ``(logits, labels)``, ``axis`` (an int or a tuple of class
+   axes, flattened as optax does) and the common keywords into
+   `SoftmaxInputs`.
+2. `example_loss` computes the log-normaliser once (`log_normalizer`), the
+   terms, alpha, label smoothing and the class sum (`class_sum`, whose
+   derivative with respect to the targets is exact, also where a target is 0).
+3. `reduce` applies NaN for invalid ids, the weights and the mask, then
+   reduces.
+
+Two kinds of ``where``: a mask with the logits' rank is *per logit* (optax's):
+masked classes leave the softmax and the class sum (their probability is 0,
+their target mass is dropped, label smoothing spreads over the remaining
+classes) and get zero gradients; a row with no class left is masked. A mask
+of lower rank broadcasts against the loss (one entry per example) and masks
+whole examples.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
+
+from jfocal.engine import checks, numerics, reduce as reducing
+
+
+class SoftmaxInputs(NamedTuple):
+  """The inputs of a softmax loss, with the classes along one axis."""
+  x: jax.Array                 # logits, compute dtype; 0 in masked rows, -inf at masked classes
+  axis: int                    # the class axis of x
+  ids: jax.Array | None        # class ids (out-of-range ones as 0), loss-shaped
+  targets: jax.Array | None    # dense targets, 0 where masked, x's shape
+  classes: jax.Array | None    # the per-logit mask, broadcast to x's shape
+  kept: jax.Array | None       # with ids and a per-logit mask: the target class is unmasked
+  mask: jax.Array | None       # loss-shaped: rows that count
+  invalid: jax.Array | None    # loss-shaped: out-of-range ids (NaN)
+  weights: jax.Array | None
+  positives: jax.Array         # unmasked examples with target mass
+  label_smoothing: float
+  dtype: np.dtype
+  out_dtype: np.dtype
+
+  @property
+  def num_classes(self) -> int:
+    return self.x.shape[self.axis]
+
+
+def _class_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+  if ndim == 0:
+    raise ValueError("softmax losses need logits with a class axis; got scalar logits")
+  axes = axis if isinstance(axis, tuple) else (axis,)
+  if not axes or any(isinstance(a, bool) or not isinstance(a, int) for a in axes):
+    raise TypeError(f"axis must be an int or a tuple of ints (the class axes); got {axis!r}")
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(f"axis {a} is out of range for logits of rank {ndim}")
+  canonical = tuple(a % ndim for a in axes)
+  if len(set(canonical)) != len(canonical):
+    raise ValueError(f"axis {axis!r} names an axis twice")
+  return canonical
+
+
+def _classes_last(array: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """``array`` with the class axes moved to the end (in the given order) and flattened."""
+  batch = [d for d in range(array.ndim) if d not in axes]
+  moved = jnp.transpose(array, batch + list(axes))
+  return moved.reshape(moved.shape[:len(batch)] + (-1,))
+
+
+def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
+            ignore_index: Any, label_smoothing: Any) -> SoftmaxInputs:
+  """The label handling every softmax loss shares (see the module docstring).
+
+  Labels are integer class ids with the logits' shape without the class
+  axes (flat indices into them, for several axes, as optax's), or dense
+  float or bool targets with the logits' shape.
+  """
+  logits = checks.as_array(logits, "logits")
+  labels = checks.as_array(labels, "labels")
+  dtype = checks.compute_dtype(logits)
+  checks.check_labels_dtype(labels)
+  ignore_index = checks.check_ignore_index(ignore_index, labels)
+  label_smoothing = checks.check_label_smoothing(label_smoothing)
+  axes = _class_axes(axis, logits.ndim)
+  integer = jnp.issubdtype(labels.dtype, jnp.integer)
+  if not integer:
+    checks.check_same_shape(labels, logits, "float or bool")
+  classes = mask = None
+  if where is not None:
+    where = checks.as_array(where, "where")
+    if where.ndim == logits.ndim:
+      classes = jnp.broadcast_to(checks.check_mask(where, logits.shape, "the logits' shape"),
+                                 logits.shape)
+  num_classes = math.prod(logits.shape[a] for a in axes)
+  if len(axes) > 1:
+    logits = _classes_last(logits, axes)
+    labels = labels if integer else _classes_last(labels, axes)
+    classes = None if classes is None else _classes_last(classes, axes)
+    axis = logits.ndim - 1
+  else:
+    axis = axes[0]
+  if num_classes == 0:
+    raise ValueError(f"softmax losses need at least one class; logits of shape "
+                     f"{logits.shape} have none along axis {axis}")
+  shape = logits.shape[:axis] + logits.shape[axis + 1:]
+  if where is not None and classes is None:
+    mask = jnp.broadcast_to(checks.check_mask(where, shape), shape)
+
+  x = logits.astype(dtype)
+  ids = targets = kept = invalid = None
+  if integer:
+    checks.check_class_id_shape(labels, shape, "logits.shape without the class axis")
+    labels, ignore_index = checks.wide_ids(labels, ignore_index)
+    in_range = (labels >= 0) & (labels < num_classes)
+    invalid = ~in_range
+    if ignore_index is not None:
+      ignored = labels == ignore_index
+      invalid = invalid & ~ignored
+      mask = reducing.both(mask, ~ignored)
+    ids = jnp.where(in_range, labels, 0)
+    positive = in_range
+    if classes is not None:
+      kept = jnp.squeeze(jnp.take_along_axis(classes, jnp.expand_dims(ids, axis), axis), axis)
+      positive = positive & kept
+  else:
+    targets = labels.astype(dtype)
+    if classes is not None:
+      targets = jnp.where(classes, targets, 0)
+    positive = jnp.sum(targets, axis=axis) > 0
+  if classes is not None:
+    mask = reducing.both(mask, jnp.any(classes, axis=axis))
+  if mask is not None:
+    # Masked rows may hold anything (padding, NaN): replace them so that
+    # neither their value nor their gradient can leak through the mask.
+    expanded = jnp.expand_dims(mask, axis)
+    x = jnp.where(expanded, x, 0)
+    if targets is not None:
+      targets = jnp.where(expanded, targets, 0)
+    invalid = None if invalid is None else invalid & mask
+    positive = positive & mask
+  if classes is not None:
+    x = jnp.where(classes, x, -jnp.inf)  # probability 0, whatever the logit held
+  weights = None if weights is None else checks.check_weights(weights, shape)
+  return SoftmaxInputs(x, axis, ids, targets, classes, kept, mask, invalid, weights,
+                       jnp.sum(positive), label_smoothing, dtype, logits.dtype)
+
+
+@jax.custom_jvp
+def _shift(x: jax.Array, top: jax.Array) -> jax.Array:
+  """``x - top``, with 0 instead of ``inf - inf`` in a row whose maximum is infinite.
+
+  Then the +inf logits of a row share its probability (a +inf target has
+  loss 0, a finite one +inf) and a row of -inf logits is uniform.
+  """
+  return jnp.where((x == top) & jnp.isinf(top), 0, x - top)
+
+
+@_shift.defjvp
+def _shift_jvp(primals, tangents):
+  # d(x - top)/dx = 1 also where the value is pinned to 0, so an infinite logit
+  # keeps the limit of its gradient; top is a constant (stop_gradient).
+  return _shift(*primals), tangents[0]
+
+
+def _excluding(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+  column = jax.lax.broadcasted_iota(excluded.dtype, shifted.shape, axis)
+  rest = jnp.sum(jnp.where(column == excluded, 0, jnp.exp(shifted)), axis=axis, keepdims=True)
+  return jnp.log1p(rest + jnp.expm1(jnp.take_along_axis(shifted, excluded, axis=axis)))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+  """``log sum_c exp(shifted_c)`` as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))``."""
+  return _excluding(shifted, excluded, axis)
+
+
+@_log_sum.defjvp
+def _log_sum_jvp(axis, primals, tangents):
+  shifted, excluded = primals
+  value = _log_sum(shifted, excluded, axis)
+  # The softmax, recomputed from a fenced copy rather than shared with the
+  # value: XLA on the CPU would otherwise write exp(shifted) to memory for both.
+  p = jnp.exp(numerics.fence(shifted) - value)
+  return value, jnp.sum(p * tangents[0], axis=axis, keepdims=True)
+
+
+def log_normalizer(inputs: SoftmaxInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(shifted, log_sum, shifted_excluded)`` with ``-log p_c = log_sum - shifted_c``.
+
+  ``shifted = x - max(x)`` and ``log_sum = log sum_c exp(shifted_c)``,
+  computed as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))`` for
+  one excluded class ``k`` per row: the target (class ids) or the row's
+  maximum (dense targets). Where ``p_k -> 1`` the loss
+  ``-log p_k = log1p(small)`` then keeps its relative precision instead of
+  rounding ``log(1 + small)``; the sum of the other classes never cancels
+  (with ``k`` the maximum, ``expm1(0) = 0``; otherwise it holds the maximum's
+  1). The derivative of ``log_sum`` is the softmax. ``shifted_excluded`` is
+  ``shifted_k``, with the class axis kept.
+  """
+  x, axis = inputs.x, inputs.axis
+  top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+  shifted = _shift(x, top)
+  excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
+  excluded = jnp.expand_dims(excluded, axis)
+  shifted_excluded = jnp.take_along_axis(shifted, excluded, axis=axis)
+  return shifted, _log_sum(shifted, excluded, axis), shifted_excluded
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def class_sum(targets: jax.Array, terms: jax.Array, axis: int) -> jax.Array:
+  """``sum_c targets_c terms_c``, where a class without target mass adds 0 even if its term is +inf.
+
+  The derivative is the product rule's: with respect to a target it is the
+  class's term, also where the target is 0 (the guard of the value, which
+  keeps ``0 * inf`` out, does not cut it).
+  """
+  return jnp.sum(jnp.where(targets == 0, 0, targets * terms), axis=axis)
+
+
+@functools.partial(class_sum.defjvp, symbolic_zeros=True)
+def _class_sum_jvp(axis, primals, tangents):
+  targets, terms = primals
+  targets_dot, terms_dot = tangents
+  value = class_sum(targets, terms, axis)
+  tangent = jnp.zeros_like(value)
+  if not isinstance(terms_dot, SymbolicZero):
+    tangent = tangent + jnp.sum(targets * terms_dot, axis=axis)
+  if not isinstance(targets_dot, SymbolicZero):
+    tangent = tangent + jnp.sum(terms * targets_dot, axis=axis)
+  return value, tangent
+
+
+def checked_alpha(alpha: Any, inputs: SoftmaxInputs) -> jax.Array | None:
+  """A per-class vector of shape ``(C,)`` in the compute dtype (values checked by `program`)."""
+  if alpha is None:
+    return None
+  if np.ndim(alpha) == 0:
+    raise ValueError(
+        "alpha of a softmax loss must be a per-class vector of shape "
+        f"({inputs.num_classes},); got a number. For the background-style vector "
+        "[alpha, 1 - alpha, ...] use jfocal.background_alpha(alpha, num_classes)")
+  return checks.check_alpha(alpha, inputs.num_classes, allow_scalar=False).astype(inputs.dtype)
+
+
+def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], *,
+                 alpha: Any = None) -> jax.Array:
+  """``sum_c alpha_c y_c term(-log p_c)`` per example, before weights and masks.
+
+  ``term`` maps negative log-probabilities (>= 0, +inf for a class of
+  probability 0) to the loss of a class, elementwise. With class ids the
+  target's term is gathered, and label smoothing adds ``eps / K`` of every
+  class's term (``K`` the number of classes, or of unmasked classes).
+  """
+  shifted, log_sum, shifted_excluded = log_normalizer(inputs)
+  axis, classes, eps = inputs.axis, inputs.classes, inputs.label_smoothing
+  alpha = checked_alpha(alpha, inputs)
+  class_weights = None if alpha is None else jnp.expand_dims(
+      alpha, tuple(range(1, inputs.x.ndim - axis)))
+  # The classes label smoothing spreads over, per example.
+  choices: Any = inputs.num_classes
+  if classes is not None:
+    choices = jnp.maximum(jnp.sum(classes, axis=axis, dtype=inputs.dtype), 1)
+
+  def all_terms() -> jax.Array:
+    n = log_sum - shifted
+    if classes is not None:  # masked classes: term(0) = 0, with finite derivatives
+      n = jnp.where(classes, n, 0)
+    return term(n)
+
+  if inputs.ids is None:
+    targets = inputs.targets
+    if eps:
+      targets = reducing.smooth(targets, eps, choices if classes is None
+                                else jnp.expand_dims(choices, axis))
+      if classes is not None:
+        targets = jnp.where(classes, targets, 0)
+    if class_weights is not None:
+      targets = targets * class_weights
+    return class_sum(targets, all_terms(), axis)
+
+  n = jnp.squeeze(log_sum - shifted_excluded, axis)
+  if inputs.kept is not None:  # a masked target class adds nothing
+    n = jnp.where(inputs.kept, n, 0)
+  loss = term(n)
+  if alpha is not None:
+    loss = reducing.scale(loss, reducing.per_class_values(alpha, inputs.ids))
+  if eps:
+    # (1 - eps) one_hot + eps / K, expanded so that the one-hot never exists.
+    uniform = jnp.ones((), inputs.dtype) if class_weights is None else class_weights
+    if classes is not None:
+      uniform = jnp.where(classes, uniform, 0)
+    spread = class_sum(uniform, all_terms(), axis)
+    loss = reducing.scale(loss, 1 - eps) + eps / choices * spread
+  return loss
+
+
+def reduce(loss: jax.Array, inputs: SoftmaxInputs, *, reduction: Any, normalizer: Any,
+           axis_name: Any) -> jax.Array:
+  """NaN for invalid ids, the weights, the mask, then the reduction."""
+  loss = reducing.weigh(loss, weights=inputs.weights, mask=inputs.mask, invalid=inputs.invalid)
+  return reducing.reduce(loss, mask=inputs.mask, positives=inputs.positives,
+                         reduction=reduction, normalizer=normalizer,
+                         out_dtype=inputs.out_dtype, axis_name=axis_name)

@@ -1,0 +1,277 @@
+"""Every loss of the registry against float64 autodiff of its reference formula.
+
+- values and gradients with respect to the logits and dense labels, over
+  hypothesis-drawn shapes, dtypes, label forms and hyper-parameters;
+- label derivatives at targets of exactly 0 and 1, for every hyper-parameter
+  value of the registry's grid;
+- traced hyper-parameters (``gamma``, ``alpha``, ``beta``, ``epsilon``, ...):
+  as ``jax.jit`` arguments they equal the static values, they vmap, and the
+  derivative with respect to them is the reference's;
+- loss, gradient and Hessian finite at logits up to +-1e4 in every float
+  dtype, for static and traced hyper-parameters.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import registry
+import strategies as S
+from helpers import FLOAT_DTYPES, all_finite, assert_close, on_reference_device
+from jfocal.engine import program
+
+PARAMS = registry.PARAMS
+# Parametrised over the twelve losses, each gets half of the profile's examples
+# (12 in CI, 250 in `make fuzz`).
+PER_LOSS = settings(max_examples=max(settings.default.max_examples // 2, 1))
+
+# Dense label forms: what a derivative with respect to the labels is taken of.
+DENSE = ("hard", "soft", "sparse", "distribution")
+
+
+@dataclasses.dataclass
+class Case:
+  dtype: Any
+  logits: jax.Array
+  x64: np.ndarray
+  labels: Any
+  y64: np.ndarray
+  form: str
+  params: dict
+
+
+def forms(loss):
+  if loss.family == "softmax":
+    return ("ids", "hard", "distribution")
+  return ("ids", "hard", "soft") + (("sparse", "pairs") if "pairs" in loss.labels else ())
+
+
+@st.composite
+def cases(draw, loss, bound=12.0, dtypes=FLOAT_DTYPES, label_forms=None):
+  dtype = draw(st.sampled_from(dtypes))
+  softmax = loss.family == "softmax"
+  # One softmax class makes p = 1 exactly, where the textbook's pow has a NaN derivative.
+  num_classes = draw(st.integers(2, 5) if softmax else st.integers(1, 4))
+  batch = draw(st.sampled_from([(1,), (3,), (2, 3)] if softmax else [(), (3,), (2, 3)]))
+  shape = batch + (num_classes,)
+  form = draw(st.sampled_from(label_forms or forms(loss)))
+  logits, x64 = S.cast(draw(S.logits(shape, bound)), dtype)
+  if form in ("ids", "pairs") or (softmax and form == "hard"):
+    top = num_classes - 1 if softmax else num_classes
+    ids = np.asarray(draw(S.hnp.arrays(np.int32, batch, elements=st.integers(0, top))))
+    labels, y64 = jnp.asarray(ids), registry.one_hot(ids, num_classes)
+    if form == "pairs":
+      scores, scores64 = S.cast(draw(S.probabilities(batch)), dtype)
+      labels, y64 = (labels, scores), y64 * scores64[..., None]
+    elif form == "hard":
+      labels, y64 = S.cast(y64, dtype)
+  else:
+    if form == "hard":
+      y = draw(S.hard_labels(shape))
+    elif form == "soft":
+      y = draw(S.probabilities(shape))
+    elif form == "sparse":  # IoU-like targets, mostly exact zeros
+      y = draw(S.hnp.arrays(np.float64, shape,
+                            elements=st.one_of(st.just(0.0), st.floats(0.0, 1.0))))
+    else:  # distribution
+      y = np.asarray(draw(S.probabilities(shape))) + 1e-3
+      y = y / y.sum(-1, keepdims=True)
+    labels, y64 = S.cast(y, dtype)
+  params = loss.options(num_classes, **{k: draw(st.sampled_from(v)) for k, v in loss.grid.items()})
+  return Case(dtype, logits, x64, labels, y64, form, params)
+
+
+def _skip_cusps(loss, case):
+  """QFL's |y - sigma|**beta has a cusp (beta < 1) or a kink (beta = 1) at its minimum 0."""
+  if loss.name != "quality_focal_loss" or case.params["beta"] > 1.0:
+    return None
+  return np.abs(1 / (1 + np.exp(-case.x64)) - case.y64) < 1e-6
+
+
+@pytest.mark.parametrize("loss", PARAMS)
+@PER_LOSS
+@given(data=st.data())
+def test_value_and_gradients_match_float64_autodiff_of_the_reference(loss, data):
+  case = data.draw(cases(loss))
+  dtype, params = case.dtype, case.params
+  argnums = (0, 1) if case.form in DENSE else (0,)
+  textbook = lambda x, y: loss.reference(x, y, **params)
+  reference = on_reference_device(
+      lambda x, y: (textbook(x, y), jax.grad(lambda x, y: jnp.sum(textbook(x, y)), argnums)(x, y)))
+  expected_value, expected_grads = reference(case.x64, case.y64)
+
+  @jax.jit
+  def evaluate(x, y):  # one program for the loss and its gradients
+    def total(x, y):
+      value = loss(x, y, **params)
+      return jnp.sum(value.astype(jnp.float32)), value
+    (_, value), grads = jax.value_and_grad(total, argnums, has_aux=True)(x, y)
+    return value, grads
+
+  value, grads = evaluate(case.logits, case.labels)
+  assert value.dtype == dtype
+  assert_close(value, expected_value, dtype, what="loss")
+  skip = _skip_cusps(loss, case)
+  # d/dy of alpha_t(y) CE(x, y) is (2 alpha - 1) CE - alpha_t x at a hard target: two terms
+  # of size |x| that may cancel, each rounded once.
+  scales = (1.0, 1.0 + float(np.max(np.abs(case.x64), initial=0.0)))
+  for name, got, want, scale in zip(("d/dlogits", "d/dlabels"), grads, expected_grads, scales):
+    assert got.dtype == dtype
+    all_finite(**{name: got})
+    if skip is not None:
+      got, want = np.where(skip, 0.0, np.asarray(got.astype(jnp.float64))), np.where(skip, 0, want)
+    assert_close(got, want, dtype, what=name, scale=scale)
+
+
+def _one_at_a_time(loss):
+  """The registry's parameters, and each grid value of each hyper-parameter on its own."""
+  settings = [{}]
+  for name, values in loss.grid.items():
+    settings += [{name: value} for value in values]
+  return settings
+
+
+@pytest.mark.parametrize("loss", PARAMS)
+def test_label_derivatives_are_exact_at_targets_zero_and_one(loss):
+  """d loss / d y at one-hot (softmax) and 0/1 (sigmoid) targets, for every grid value."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 3)) * 3
+  if loss.family == "softmax":
+    y = registry.one_hot(np.array([0, 2, 1, 2]), 3)
+  else:
+    y = np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 1], [1, 0, 1]])
+  for setting in _one_at_a_time(loss):
+    params = loss.options(3, **setting)
+    got = jax.grad(lambda y: jnp.sum(loss(jnp.asarray(x), y, **params)))(jnp.asarray(y))
+    expected = on_reference_device(jax.grad(
+        lambda y, x: jnp.sum(loss.reference(x, y, **params))))(y, x)
+    assert_close(got, expected, jnp.float64, what=f"d/dlabels with {setting}")
+
+
+def _traced_cases():
+  return [pytest.param(entry, name, id=f"{entry.name}-{name}")
+          for entry in registry.LOSSES.values() for name in entry.traced]
+
+
+@pytest.mark.parametrize("loss, name", _traced_cases())
+def test_traced_hyper_parameters_jit_vmap_and_differentiate(loss, name):
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(5, 3)) * 3)
+  ids = jnp.array([0, 1, 2, 1, 0])
+  y = registry.one_hot(np.asarray(ids), 3)
+  values = [loss.options(3)[name]] + [loss.resolve({name: v}, 3)[name]
+                                      for v in loss.grid.get(name, ()) if v is not None]
+  values = [v for v in values if np.shape(v) == np.shape(values[0])]
+  options = {k: v for k, v in loss.options(3).items() if k != name}
+  traced = jax.jit(lambda x, p: loss(x, ids, **options, **{name: p}))
+  for value in values:
+    static = loss(x, ids, **options, **{name: value})
+    assert_close(traced(x, jnp.asarray(value, jnp.float64)), static, jnp.float64,
+                 what=f"traced {name}={value}")
+  assert traced._cache_size() == 1, f"{name} is traced: one compilation for every value"
+  stacked = jnp.asarray(np.stack([np.asarray(v, np.float64) for v in values]))
+  mapped = jax.vmap(lambda p: loss(x, ids, **options, **{name: p}))(stacked)
+  for row, value in zip(mapped, values):
+    assert_close(row, loss(x, ids, **options, **{name: value}), jnp.float64, what="vmap")
+  for value in values:
+    p = jnp.asarray(value, jnp.float64)
+    got = jax.grad(lambda p: jnp.sum(loss(x, ids, **options, **{name: p})))(p)
+    expected = on_reference_device(jax.grad(
+        lambda p, x, y: jnp.sum(loss.reference(x, y, **options, **{name: p}))))(p, x, y)
+    assert_close(got, expected, jnp.float64, what=f"d/d{name} at {value}")
+
+
+EXTREME_LOGITS = np.array([-1e4, -1e3, -100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 1e3, 1e4])
+TARGETS = np.array([0.0, 1.0, 0.3, 0.5, 1e-6, 1 - 1e-6])
+SATURATED_ROWS = np.array([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0], [100.0, 0.0, 0.0],
+                           [30.0, 0.0, -30.0], [0.0, 0.0, 0.0], [-1e3, -1e3, 1e3]])
+
+
+def _extreme_inputs(loss, dtype):
+  big = float(jnp.finfo(dtype).max)
+  if loss.family == "softmax":
+    x = jnp.asarray(np.clip(SATURATED_ROWS, -big, big)).astype(dtype)
+    return x, [jnp.array([0, 0, 0, 2, 1, 0]), jnp.full(x.shape, 1 / 3, dtype)]
+  x = jnp.asarray(np.clip(EXTREME_LOGITS, -big, big)).astype(dtype)
+  x, y = jnp.broadcast_arrays(x, jnp.asarray(TARGETS)[:, None].astype(dtype))
+  return x, [y]
+
+
+def _derivatives(loss, x, y, **params):
+  """Loss, d/dx, d/dy (dense labels) and the Hessian's diagonal in x, by name."""
+  total = lambda x, y: jnp.sum(loss(x, y, **params).astype(jnp.float32))
+  results = {"loss": loss(x, y, **params).astype(jnp.float32), "d/dx": jax.grad(total)(x, y),
+             "d2/dx2": jax.jvp(lambda x: jax.grad(total)(x, y), (x,), (jnp.ones_like(x),))[1]}
+  if jnp.issubdtype(y.dtype, jnp.floating):
+    results["d/dy"] = jax.grad(total, 1)(x, y)
+  return results
+
+
+def _assert_finite_where_representable(results, wide_results, dtype, what):
+  """Finite; in float16, where the float32 computation (``wide_results``) fits its range.
+
+  GHM-C's weights reach N / bins, so at |x| = 1e4 a float16 loss or derivative
+  may exceed 65504: a property of float16, not of the loss.
+  """
+  for name, value in results.items():
+    value = np.asarray(value, np.float64)
+    if wide_results is not None:
+      fits = np.abs(np.asarray(wide_results[name], np.float64)) <= float(jnp.finfo(dtype).max)
+      value = np.where(fits, value, 0)
+    all_finite(**{f"{name} with {what}": value})
+
+
+def _code_paths(loss):
+  """Static settings that reach every code path: each grid value of an option that is static
+  or structural (None, a bool, a per-class vector, a bin count) and, of a hyper-parameter
+  whose Python numbers specialise the program (gamma), 0, a non-integer and an integer."""
+  specialising = program.REGISTRY[loss.fn].specialising
+  settings = [{}]
+  for name, values in loss.grid.items():
+    representatives = {}
+    for value in values:
+      if value is None or isinstance(value, bool) or callable(value) or name not in loss.traced:
+        settings.append({name: value})
+      elif name in specialising:
+        path = "zero" if value == 0 else "integer" if float(value).is_integer() else "fraction"
+        representatives.setdefault(path, value)
+    settings += [{name: value} for value in representatives.values()]
+  return settings
+
+
+@pytest.mark.parametrize("loss", PARAMS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
+  """Every code path in float32; half precision computes in float32 too, so there (and in
+  float64) the registry's setting and every traced value, in one program."""
+  x, label_sets = _extreme_inputs(loss, dtype)
+  num_classes = x.shape[-1]
+  settings = _code_paths(loss) if dtype == jnp.float32 else [{}]
+  defaults = loss.options(num_classes)
+  traced_values = {name: [v for v in (loss.resolve({name: v}, num_classes)[name]
+                                      for v in loss.grid.get(name, ()))
+                          if v is not None and np.ndim(v) == 0]
+                   for name in loss.traced}
+  traced_values = {name: values for name, values in traced_values.items() if values}
+  for labels in label_sets:
+    wide_labels = labels.astype(jnp.float32) if labels.dtype == dtype else labels
+    for setting in settings:
+      params = loss.options(num_classes, **setting)
+      evaluate = jax.jit(lambda x, y: _derivatives(loss, x, y, **params))
+      wide = evaluate(x.astype(jnp.float32), wide_labels) if dtype == jnp.float16 else None
+      _assert_finite_where_representable(evaluate(x, labels), wide, dtype, setting)
+    # The traced hyper-parameters: one program for every value of the grid, 0 included.
+    static = {k: v for k, v in defaults.items() if k not in traced_values}
+    traced = jax.jit(lambda x, y, p: _derivatives(loss, x, y, **static, **p))
+    for name, values in traced_values.items():
+      for value in values:
+        p = {k: jnp.asarray(defaults[k], jnp.float32) for k in traced_values}
+        p[name] = jnp.asarray(value, jnp.float32)
+        wide = traced(x.astype(jnp.float32), wide_labels, p) if dtype == jnp.float16 else None
+        _assert_finite_where_representable(traced(x, labels, p), wide, dtype,
+                                           f"traced {name}={value}")
