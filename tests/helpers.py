@@ -48,13 +48,18 @@ def assert_close(actual, expected, dtype, *, what="value", scale=1.0):
         f"{int(bad.sum())} of {bad.size} elements outside tolerance {tolerance}")
 
 
-def on_reference_device(fn):
-  """Runs `fn` in float64 on the host CPU, whatever the default device is, as one program
-  (op by op, every new shape would compile each of its operations)."""
+def on_reference_device(fn, *, jit=False):
+  """Runs `fn` in float64 on the host CPU, whatever the default device is.
+
+  Op by op (the default), each operation compiles once per shape, which pays off
+  when a test calls with few shapes; with ``jit=True`` the whole function is one
+  program, for tests that draw a new shape almost every call.
+  """
   def wrapped(*args, **kwargs):
     with jax.default_device(REFERENCE_DEVICE):
       args = [None if a is None else jnp.asarray(a).astype(jnp.float64) for a in args]
-      return jax.jit(functools.partial(fn, **kwargs))(*args)
+      call = functools.partial(fn, **kwargs)
+      return (jax.jit(call) if jit else call)(*args)
   return wrapped
 
 

@@ -98,8 +98,7 @@ def ghmc(x, y, bins=10, momentum=0.0, state=None):
   edges = edges.at[-1].add(1e-6)
   inside = (g[..., None] >= edges[:-1]) & (g[..., None] < edges[1:])
   counts = jnp.sum(inside, axis=tuple(range(g.ndim)), dtype=x.dtype)
-  if momentum > 0:
-    counts = (1 - momentum) * counts
+  counts = jnp.where(momentum > 0, (1 - momentum) * counts, counts)
   populated = jnp.sum(counts > 0, dtype=x.dtype)
   per_bin = jnp.where(counts > 0, g.size / jnp.where(counts > 0, counts, 1), 0) / populated
   weights = jnp.sum(jnp.where(inside, per_bin, 0), axis=-1)

@@ -102,7 +102,8 @@ def test_value_and_gradients_match_float64_autodiff_of_the_reference(loss, data)
   argnums = (0, 1) if case.form in DENSE else (0,)
   textbook = lambda x, y: loss.reference(x, y, **params)
   reference = on_reference_device(
-      lambda x, y: (textbook(x, y), jax.grad(lambda x, y: jnp.sum(textbook(x, y)), argnums)(x, y)))
+      lambda x, y: (textbook(x, y), jax.grad(lambda x, y: jnp.sum(textbook(x, y)), argnums)(x, y)),
+      jit=True)
   expected_value, expected_grads = reference(case.x64, case.y64)
 
   @jax.jit
@@ -145,12 +146,15 @@ def test_label_derivatives_are_exact_at_targets_zero_and_one(loss):
     y = registry.one_hot(np.array([0, 2, 1, 2]), 3)
   else:
     y = np.array([[1.0, 0, 0], [0, 0, 0], [0, 1, 1], [1, 0, 1]])
-  for setting in _one_at_a_time(loss):
-    params = loss.options(3, **setting)
-    got = jax.grad(lambda y: jnp.sum(loss(jnp.asarray(x), y, **params)))(jnp.asarray(y))
-    expected = on_reference_device(jax.grad(
-        lambda y, x: jnp.sum(loss.reference(x, y, **params))))(y, x)
-    assert_close(got, expected, jnp.float64, what=f"d/dlabels with {setting}")
+  settings = [loss.options(3, **setting) for setting in _one_at_a_time(loss)]
+  # One program for every setting: a label derivative per setting.
+  got = jax.jit(lambda x, y: [jax.grad(lambda y: jnp.sum(loss(x, y, **params)))(y)
+                              for params in settings])(jnp.asarray(x), jnp.asarray(y))
+  expected = on_reference_device(lambda x, y: [
+      jax.grad(lambda y: jnp.sum(loss.reference(x, y, **params)))(y) for params in settings],
+      jit=True)(x, y)
+  for setting, g, e in zip(_one_at_a_time(loss), got, expected):
+    assert_close(g, e, jnp.float64, what=f"d/dlabels with {setting}")
 
 
 def _traced_cases():
@@ -258,13 +262,15 @@ def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
                           if v is not None and np.ndim(v) == 0]
                    for name in loss.traced}
   traced_values = {name: values for name, values in traced_values.items() if values}
+  options = [loss.options(num_classes, **setting) for setting in settings]
+  # One program for every static setting.
+  evaluate = jax.jit(lambda x, y: [_derivatives(loss, x, y, **params) for params in options])
   for labels in label_sets:
     wide_labels = labels.astype(jnp.float32) if labels.dtype == dtype else labels
-    for setting in settings:
-      params = loss.options(num_classes, **setting)
-      evaluate = jax.jit(lambda x, y: _derivatives(loss, x, y, **params))
-      wide = evaluate(x.astype(jnp.float32), wide_labels) if dtype == jnp.float16 else None
-      _assert_finite_where_representable(evaluate(x, labels), wide, dtype, setting)
+    wide = (evaluate(x.astype(jnp.float32), wide_labels) if dtype == jnp.float16
+            else [None] * len(settings))
+    for setting, results, wide_results in zip(settings, evaluate(x, labels), wide):
+      _assert_finite_where_representable(results, wide_results, dtype, setting)
     # The traced hyper-parameters: one program for every value of the grid, 0 included.
     static = {k: v for k, v in defaults.items() if k not in traced_values}
     traced = jax.jit(lambda x, y, p: _derivatives(loss, x, y, **static, **p))

@@ -176,7 +176,8 @@ def test_label_derivative_at_one_hot_targets_is_each_class_term():
   np.testing.assert_allclose(focal, (1 - p) ** 2 * -jnp.log(p), rtol=1e-12)
 
 
-AXES = [(1, 3), (3, 2), (2, 3), (-3, -1), (-1, -2), (0, 1, 3), (-4, -3, -1)]
+# Adjacent and not, in and out of order, negative, three axes (optax's own cases: the drop-in test).
+AXES = [(1, 3), (3, 2), (-1, -2), (0, 1, 3)]
 
 
 @pytest.mark.parametrize("axis", AXES)
@@ -277,31 +278,30 @@ def _exact_tail(margin, others, gamma):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
-@pytest.mark.parametrize("margin", MARGINS)
-def test_relative_precision_as_p_t_tends_to_one(dtype, margin):
+def test_relative_precision_as_p_t_tends_to_one(dtype):
   """A few ulp of the 40-digit value where the loss is representable, +0.0 below, never -0.0.
 
   8 ulp for integer gamma; a non-integer power is exp(gamma log(1 - p)), whose
   exponent carries the rounding of a logarithm of size |log(1 - p)|: another
   gamma |log(1 - p)| ulp.
   """
-  x = jnp.asarray([[margin, 0.0, 0.0, 0.0, 0.0]], dtype)
-  labels = {"ids": jnp.array([0]), "dense": jnp.asarray([[1.0, 0, 0, 0, 0]], dtype)}
   tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
+  labels = {"ids": jnp.array([0]), "dense": jnp.asarray([[1.0, 0, 0, 0, 0]], dtype)}
   for gamma in (0.0, 2.0, 0.5):
-    exact, log_one_minus_p = _exact_tail(margin, 4, gamma)
-    ulps = 8 + (0 if float(gamma).is_integer() else gamma * abs(log_one_minus_p))
     for name, y in labels.items():
-      for loss in (jfocal.softmax_focal_loss(x, y, gamma=gamma),
-                   jax.jit(lambda x: jfocal.softmax_focal_loss(x, y, gamma=gamma))(x)):
-        value = float(loss[0])
-        assert not np.signbit(value), f"-0.0 at margin {margin} ({name}, gamma {gamma})"
-        if exact >= tiny:
-          assert abs(value - exact) <= ulps * eps * exact, (
-              f"{name}, gamma {gamma}, margin {margin}: {value!r} against {exact!r} "
-              f"({abs(value - exact) / exact / eps:.1f} ulp)")
-        else:
-          assert value <= 2 * tiny, f"{value!r} should underflow like {exact!r}"
+      eager = lambda x: jfocal.softmax_focal_loss(x, y, gamma=gamma)
+      for loss in (eager, jax.jit(eager)):
+        for margin in MARGINS:
+          exact, log_one_minus_p = _exact_tail(margin, 4, gamma)
+          ulps = 8 + (0 if float(gamma).is_integer() else gamma * abs(log_one_minus_p))
+          value = float(loss(jnp.asarray([[margin, 0.0, 0.0, 0.0, 0.0]], dtype))[0])
+          assert not np.signbit(value), f"-0.0 at margin {margin} ({name}, gamma {gamma})"
+          if exact >= tiny:
+            assert abs(value - exact) <= ulps * eps * exact, (
+                f"{name}, gamma {gamma}, margin {margin}: {value!r} against {exact!r} "
+                f"({abs(value - exact) / exact / eps:.1f} ulp)")
+          else:
+            assert value <= 2 * tiny, f"{value!r} should underflow like {exact!r}"
 
 
 def test_tuple_axes_are_checked():

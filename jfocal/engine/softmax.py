@@ -77,7 +77,7 @@ def _classes_last(array: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   """``array`` with the class axes moved to the end (in the given order) and flattened."""
   batch = [d for d in range(array.ndim) if d not in axes]
   moved = jnp.transpose(array, batch + list(axes))
-  return moved.reshape(moved.shape[:len(batch)] + (-1,))
+  return moved.reshape(moved.shape[:len(batch)] + (math.prod(array.shape[a] for a in axes),))
 
 
 def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
@@ -105,6 +105,9 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
       classes = jnp.broadcast_to(checks.check_mask(where, logits.shape, "the logits' shape"),
                                  logits.shape)
   num_classes = math.prod(logits.shape[a] for a in axes)
+  if num_classes == 0:
+    raise ValueError(f"softmax losses need at least one class; logits of shape "
+                     f"{logits.shape} have none along axis {axis}")
   if len(axes) > 1:
     logits = _classes_last(logits, axes)
     labels = labels if integer else _classes_last(labels, axes)
@@ -112,9 +115,6 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
     axis = logits.ndim - 1
   else:
     axis = axes[0]
-  if num_classes == 0:
-    raise ValueError(f"softmax losses need at least one class; logits of shape "
-                     f"{logits.shape} have none along axis {axis}")
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
   if where is not None and classes is None:
     mask = jnp.broadcast_to(checks.check_mask(where, shape), shape)
