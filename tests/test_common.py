@@ -105,7 +105,10 @@ def test_where_equals_ignore_index_equals_slicing(loss):
     evaluate = lambda fn, x: jax.jit(jax.value_and_grad(fn))(x)
     expected, expected_grad = evaluate(lambda x: loss(x[keep], ids[keep], **options), logits)
     ways = {"where": lambda x: loss(x, ids, where=per_anchor(loss, jnp.asarray(keep)), **options),
-            "ignore_index": lambda x: loss(x, ignored_ids, ignore_index=-1, **options)}
+            "ignore_index": lambda x: loss(x, ignored_ids, ignore_index=-1, **options),
+            "where, dense targets": lambda x: loss(x, dense(loss, ids),
+                                                   where=per_anchor(loss, jnp.asarray(keep)),
+                                                   **options)}
     for name, masked in ways.items():
       value, grad = evaluate(masked, poisoned)
       assert_close(value, expected, jnp.float32, what=f"{name} {options}")

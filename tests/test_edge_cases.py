@@ -42,6 +42,11 @@ def test_softmax_infinite_logits_give_the_limits(gamma, transform):
   grad = jax.grad(lambda x: jnp.sum(fn(x)))(x)
   assert np.all(np.isfinite(grad))
   np.testing.assert_allclose(grad[1], [-1.0, 1.0, 0.0])  # d(x_k - x_t): as for a huge finite gap
+  # One-hot targets: an impossible class without target mass adds 0, not 0 * inf.
+  targets = jax.nn.one_hot(ids, 3, dtype=jnp.float32)
+  dense = transform(lambda x: jfocal.softmax_focal_loss(x, targets, gamma=gamma))
+  np.testing.assert_allclose(dense(x), [0.0, INF, INF, 0.0, uniform], rtol=1e-6)
+  assert np.all(np.isfinite(jax.grad(lambda x: jnp.sum(dense(x)))(x)))
 
 
 @pytest.mark.parametrize("family", ["sigmoid", "softmax"])

@@ -110,6 +110,23 @@ def test_quality_focal_with_hard_targets_is_focal_loss_with_gamma_beta_and_no_al
                jax.grad(lambda x: jnp.sum(focal(x)))(x), dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_quality_focal_with_beta_zero_is_cross_entropy_also_where_sigma_equals_the_score(dtype):
+  # |y - sigma|**0 = 1, also at sigma = y exactly (x = 0, y = 1/2), for a static and for a
+  # traced beta.
+  x = jnp.asarray([0.0, 0.0, 5.0, -4.0, 2.0, -3.0], dtype)
+  y = jnp.asarray([0.5, 0.25, 1.0, 0.0, 0.5, 0.9], dtype)
+  expected = on_reference_device(lambda x, y: (ref.binary_cross_entropy(x, y), jax.grad(
+      lambda x: jnp.sum(ref.binary_cross_entropy(x, y)))(x)))(
+          np.asarray(x, np.float64), np.asarray(y, np.float64))
+  traced = jax.jit(lambda x, beta: jfocal.quality_focal_loss(x, y, beta=beta))
+  for beta, fn in ((0.0, lambda x: jfocal.quality_focal_loss(x, y, beta=0.0)),
+                   ("traced", lambda x: traced(x, jnp.asarray(0.0, dtype)))):
+    got = (fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x))
+    for name, g, e in zip(("loss", "d/dlogits"), got, expected):
+      assert_close(g, e, dtype, what=f"{name}, beta {beta}")
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_ghmc_with_one_bin_is_cross_entropy(reduction, transform):
   rng = np.random.default_rng(0)

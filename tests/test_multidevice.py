@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).parent
 CPU_ONLY = {"JAX_PLATFORMS": "cpu"}
 
@@ -20,9 +22,15 @@ def run(command, env, timeout=600):
                         capture_output=True, text=True)
 
 
-def test_sharded_and_mapped_losses_on_eight_devices():
+# Three processes, so that the workers of the main run can share them.
+PARTS = {"sharded jit": "sharded_arrays", "shard_map": "shard_map_with",
+         "pmap, ema, training, ghmc": "not sharded_arrays and not shard_map_with"}
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_sharded_and_mapped_losses_on_eight_devices(part):
   result = run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
-                str(HERE / "multidevice" / "sharding_checks.py")],
+                str(HERE / "multidevice" / "sharding_checks.py"), "-k", PARTS[part]],
                {**CPU_ONLY, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
   assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-4000:]
   assert " passed" in result.stdout and "skipped" not in result.stdout, result.stdout[-2000:]

@@ -252,7 +252,7 @@ def _code_paths(loss):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
   """Every code path in float32; half precision computes in float32 too, so there (and in
-  float64) the registry's setting and every traced value, in one program."""
+  float64) the registry's setting; in every dtype each traced value."""
   x, label_sets = _extreme_inputs(loss, dtype)
   num_classes = x.shape[-1]
   settings = _code_paths(loss) if dtype == jnp.float32 else [{}]
@@ -262,22 +262,24 @@ def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
                           if v is not None and np.ndim(v) == 0]
                    for name in loss.traced}
   traced_values = {name: values for name, values in traced_values.items() if values}
+  static = {k: v for k, v in defaults.items() if k not in traced_values}
   options = [loss.options(num_classes, **setting) for setting in settings]
-  # One program for every static setting.
-  evaluate = jax.jit(lambda x, y: [_derivatives(loss, x, y, **params) for params in options])
-  for labels in label_sets:
-    wide_labels = labels.astype(jnp.float32) if labels.dtype == dtype else labels
-    wide = (evaluate(x.astype(jnp.float32), wide_labels) if dtype == jnp.float16
-            else [None] * len(settings))
-    for setting, results, wide_results in zip(settings, evaluate(x, labels), wide):
+  # One program for every static setting and label form, one for the traced values.
+  evaluate = jax.jit(lambda x, labels: [
+      [_derivatives(loss, x, y, **params) for params in options] for y in labels])
+  traced = jax.jit(lambda x, labels, p: [_derivatives(loss, x, y, **static, **p) for y in labels])
+  # float16's float32 computation tells where float16 can hold the value.
+  wide_x = x.astype(jnp.float32)
+  wide_labels = [y.astype(jnp.float32) if y.dtype == dtype else y for y in label_sets]
+  half = dtype == jnp.float16
+  wide = evaluate(wide_x, wide_labels) if half else [[None] * len(settings)] * len(label_sets)
+  for per_setting, wide_per_setting in zip(evaluate(x, label_sets), wide):
+    for setting, results, wide_results in zip(settings, per_setting, wide_per_setting):
       _assert_finite_where_representable(results, wide_results, dtype, setting)
-    # The traced hyper-parameters: one program for every value of the grid, 0 included.
-    static = {k: v for k, v in defaults.items() if k not in traced_values}
-    traced = jax.jit(lambda x, y, p: _derivatives(loss, x, y, **static, **p))
-    for name, values in traced_values.items():
-      for value in values:
-        p = {k: jnp.asarray(defaults[k], jnp.float32) for k in traced_values}
-        p[name] = jnp.asarray(value, jnp.float32)
-        wide = traced(x.astype(jnp.float32), wide_labels, p) if dtype == jnp.float16 else None
-        _assert_finite_where_representable(traced(x, labels, p), wide, dtype,
-                                           f"traced {name}={value}")
+  for name, values in traced_values.items():
+    for value in values:
+      p = {k: jnp.asarray(defaults[k], jnp.float32) for k in traced_values}
+      p[name] = jnp.asarray(value, jnp.float32)
+      wide = traced(wide_x, wide_labels, p) if half else [None] * len(label_sets)
+      for results, wide_results in zip(traced(x, label_sets, p), wide):
+        _assert_finite_where_representable(results, wide_results, dtype, f"traced {name}={value}")

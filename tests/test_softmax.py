@@ -224,26 +224,28 @@ def test_a_per_logit_where_is_optaxs(x, ids, keep):
 
 def test_a_per_logit_where_equals_removing_the_masked_classes(transform):
   rng = np.random.default_rng(4)
-  x = jnp.asarray(rng.normal(size=(4, 5)) * 3)
-  keep = np.array([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 0]], bool)
-  ids = jnp.array([1, 4, 2, 0])
+  x = jnp.asarray(rng.normal(size=(5, 5)) * 3)
+  # Row 3's target class is masked: it leaves the sum like the others (only smoothing is left).
+  keep = np.array([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1], [0, 0, 1, 1, 0], [1, 0, 1, 1, 0],
+                   [0, 0, 0, 0, 0]], bool)
+  ids = jnp.array([1, 4, 2, 1, 0])
   poisoned = jnp.where(keep, x, jnp.nan)
   for labels in (ids, jax.nn.one_hot(ids, 5, dtype=jnp.float64)):
     for eps in (0.0, 0.2):
       fn = transform(lambda x: jfocal.softmax_focal_loss(x, labels, where=jnp.asarray(keep),
                                                          gamma=1.5, label_smoothing=eps))
       loss = fn(poisoned)
-      for row in range(3):
+      for row in range(4):
         columns = keep[row]
         target = (jax.nn.one_hot(ids[row], 5)[columns] if jnp.ndim(labels) == 1
                   else labels[row][columns])[None]
         expected = jfocal.softmax_focal_loss(x[row][columns][None], target, gamma=1.5,
                                              label_smoothing=eps)
         np.testing.assert_allclose(loss[row], expected[0], rtol=1e-12)
-      assert loss[3] == 0  # no class left: the row is masked
+      assert loss[4] == 0  # no class left: the row is masked
       mean = jfocal.softmax_focal_loss(poisoned, labels, where=jnp.asarray(keep), gamma=1.5,
                                        label_smoothing=eps, reduction="mean")
-      np.testing.assert_allclose(mean, np.sum(loss) / 3, rtol=1e-12)
+      np.testing.assert_allclose(mean, np.sum(loss) / 4, rtol=1e-12)
       grad = jax.grad(lambda x: jnp.sum(fn(x)))(poisoned)
       assert np.all(np.asarray(grad)[~keep] == 0) and np.all(np.isfinite(grad))
   # Dense targets: label gradients at masked classes are 0 as well.
