@@ -74,3 +74,8 @@ def all_finite(**arrays):
     values = host(array)
     bad = ~np.isfinite(values)
     assert not bad.any(), f"{name} not finite at {tuple(np.argwhere(bad)[0])}: {values[bad][:5]}"
+
+
+def with_grad(fn, x):
+  """``(fn(x), d sum(fn(x)) / dx)``: a loss and its gradient, to put several in one program."""
+  return fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x)

@@ -2,8 +2,8 @@
 
 Reductions, normalisers, masks (``where`` = ``ignore_index`` = slicing),
 weights, label forms, label smoothing and transforms (dtypes: the fuzz campaign). The checked calls
-run under ``jax.jit``, their expected values eagerly; `test_jit_equals_eager`
-and the fuzz campaign compare the two directly.
+run under ``jax.jit``, often in one program with their expected values (one compilation
+per test); `test_jit_equals_eager` and the fuzz campaign compare jit and eager directly.
 """
 
 import jax
@@ -101,16 +101,23 @@ def test_where_equals_ignore_index_equals_slicing(loss):
   poisoned = jnp.where(keep[..., None], logits, jnp.nan)
   ignored_ids = jnp.where(jnp.asarray(keep), ids, -1)
   # The mean needs the sum and the count of what is kept; num_positives the positives kept.
-  for options in (dict(reduction="mean"), dict(reduction="mean", normalizer="num_positives")):
-    evaluate = lambda fn, x: jax.jit(jax.value_and_grad(fn))(x)
-    expected, expected_grad = evaluate(lambda x: loss(x[keep], ids[keep], **options), logits)
-    ways = {"where": lambda x: loss(x, ids, where=per_anchor(loss, jnp.asarray(keep)), **options),
-            "ignore_index": lambda x: loss(x, ignored_ids, ignore_index=-1, **options),
-            "where, dense targets": lambda x: loss(x, dense(loss, ids),
-                                                   where=per_anchor(loss, jnp.asarray(keep)),
-                                                   **options)}
-    for name, masked in ways.items():
-      value, grad = evaluate(masked, poisoned)
+  all_options = (dict(reduction="mean"), dict(reduction="mean", normalizer="num_positives"))
+  ways = {"slicing": lambda x, **options: loss(x[keep], ids[keep], **options),
+          "where": lambda x, **options: loss(x, ids, where=per_anchor(loss, jnp.asarray(keep)),
+                                             **options),
+          "ignore_index": lambda x, **options: loss(x, ignored_ids, ignore_index=-1, **options),
+          "where, dense targets": lambda x, **options: loss(
+              x, dense(loss, ids), where=per_anchor(loss, jnp.asarray(keep)), **options)}
+
+  @jax.jit
+  def evaluate(x, poisoned):  # one program for every way and option
+    return [{name: jax.value_and_grad(lambda x: fn(x, **options))(
+        x if name == "slicing" else poisoned) for name, fn in ways.items()}
+            for options in all_options]
+
+  for options, results in zip(all_options, evaluate(logits, poisoned)):
+    expected, expected_grad = results.pop("slicing")
+    for name, (value, grad) in results.items():
       assert_close(value, expected, jnp.float32, what=f"{name} {options}")
       assert np.all(np.asarray(grad)[~keep] == 0), f"{name}: dropped entries must get 0"
       assert_close(grad[keep], expected_grad[keep], jnp.float32, what=f"{name} gradient")
@@ -139,10 +146,15 @@ def test_weights_scale_each_entry(loss):
 def test_vmapped_per_anchor_loss_equals_the_batched_call(loss):
   logits, ids = batch(loss)
   per = lambda x, y: loss(x, y)  # x: (C,), y: () class id
-  vmapped = jax.jit(jax.vmap(jax.vmap(per)))(logits, ids)
-  assert_close(vmapped, loss(logits, ids), jnp.float32)
-  grad_batched = jax.grad(lambda x: jnp.sum(loss(x, ids)))(logits)
-  grad_vmapped = jax.grad(lambda x: jnp.sum(jax.vmap(jax.vmap(per))(x, ids)))(logits)
+
+  @jax.jit
+  def evaluate(x):
+    vmapped = lambda x: jax.vmap(jax.vmap(per))(x, ids)
+    return (vmapped(x), loss(x, ids), jax.grad(lambda x: jnp.sum(vmapped(x)))(x),
+            jax.grad(lambda x: jnp.sum(loss(x, ids)))(x))
+
+  vmapped, batched, grad_vmapped, grad_batched = evaluate(logits)
+  assert_close(vmapped, batched, jnp.float32)
   assert_close(grad_vmapped, grad_batched, jnp.float32)
 
 
@@ -168,13 +180,14 @@ def test_class_ids_equal_their_dense_targets(loss):
   (a dense row excludes its largest logit from the log-normaliser's sum, an id its target)."""
   logits, ids = batch(loss)
   targets = dense(loss, ids)
-  evaluate = jax.jit(lambda x, y: (loss(x, y), jax.grad(lambda x: jnp.sum(loss(x, y)))(x)))
-  expected, expected_grad = evaluate(logits, targets)
-  forms = {"ids": ids, "bool": targets > 0}
+  forms = {"dense": targets, "ids": ids, "bool": targets > 0}
   if loss.family == "sigmoid":
     forms["int8 0/1"] = targets.astype(jnp.int8)
-  for name, labels in forms.items():
-    value, grad = evaluate(logits, labels)
+  results = jax.jit(lambda x, forms: {
+      name: (loss(x, y), jax.grad(lambda x: jnp.sum(loss(x, y)))(x)) for name, y in forms.items()
+  })(logits, forms)
+  expected, expected_grad = results.pop("dense")
+  for name, (value, grad) in results.items():
     if loss.family == "sigmoid":
       np.testing.assert_array_equal(value, expected, err_msg=name)
       np.testing.assert_array_equal(grad, expected_grad, err_msg=f"{name} gradient")
@@ -189,10 +202,11 @@ def test_label_smoothing_of_ids_equals_smoothed_dense_targets(loss, eps):
   logits, ids = batch(loss)
   choices = 2 if loss.family == "sigmoid" else NUM_CLASSES
   smoothed = dense(loss, ids) * (1 - eps) + eps / choices
-  got = jax.jit(lambda x: loss(x, ids, label_smoothing=eps))(logits)
-  assert_close(got, loss(logits, smoothed), jnp.float32)
-  assert_close(loss(logits, dense(loss, ids), label_smoothing=eps), loss(logits, smoothed),
-               jnp.float32)
+  got, got_dense, expected = jax.jit(lambda x: (
+      loss(x, ids, label_smoothing=eps), loss(x, dense(loss, ids), label_smoothing=eps),
+      loss(x, smoothed)))(logits)
+  assert_close(got, expected, jnp.float32)
+  assert_close(got_dense, expected, jnp.float32)
 
 
 @pytest.mark.parametrize("loss", PARAMS)
@@ -210,8 +224,12 @@ def test_jvp_and_linearize_agree_with_grad(loss):
   logits, ids = batch(loss, jnp.float64, seed=7)
   total = lambda x: jnp.sum(loss(x, ids))
   direction = jnp.asarray(np.random.default_rng(8).normal(size=logits.shape))
-  expected = jnp.vdot(jax.grad(total)(logits), direction)
-  _, forward = jax.jvp(total, (logits,), (direction,))
-  _, linear = jax.linearize(total, logits)
+
+  @jax.jit
+  def evaluate(x, d):
+    return (jnp.vdot(jax.grad(total)(x), d), jax.jvp(total, (x,), (d,))[1],
+            jax.linearize(total, x)[1](d))
+
+  expected, forward, linear = evaluate(logits, direction)
   np.testing.assert_allclose(forward, expected, rtol=1e-12)
-  np.testing.assert_allclose(linear(direction), expected, rtol=1e-12)
+  np.testing.assert_allclose(linear, expected, rtol=1e-12)

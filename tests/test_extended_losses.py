@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 import jfocal
 import references as ref
 import strategies as S
-from helpers import assert_close, on_reference_device
+from helpers import assert_close, on_reference_device, with_grad
 
 @given(x=S.logits((4, 5), 20.0), y=S.probabilities((4, 5), 0.01, 1.0),
        epsilon=st.sampled_from([-1.0, 1.0, 2.0]))
@@ -56,7 +56,7 @@ SECOND_DERIVATIVE_CASES = {
 @given(x=S.logits((8,), 10.0), y=S.probabilities((8,), 0.02, 0.98) | S.hard_labels((8,)))
 def test_second_derivatives_match_float64_textbook(name, x, y):
   fn, textbook = SECOND_DERIVATIVE_CASES[name]
-  got = _second_derivatives(fn, jnp.asarray(x), jnp.asarray(y))
+  got = jax.jit(lambda x, y: _second_derivatives(fn, x, y))(jnp.asarray(x), jnp.asarray(y))
   want = on_reference_device(lambda x, y: _second_derivatives(textbook, x, y))(x, y)
   hard = bool(np.all((y == 0) | (y == 1)))
   names = ("d2/dx2",) if hard else ("d2/dx2", "d2/dxdy")
@@ -68,16 +68,35 @@ def test_second_derivatives_match_float64_textbook(name, x, y):
 # Reductions to the core losses, where the papers say so
 
 
+# One program per label form, dtype and static option, for every example: the drawn
+# arrays, alpha included, are its arguments.
+@jax.jit
+def _star_and_cross_entropy(x, y, alpha):
+  star = lambda x: jfocal.sigmoid_focal_loss_star(x, y, alpha=alpha, gamma=1.0, beta=0.0)
+  core = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=0.0)
+  return with_grad(star, x), with_grad(core, x)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
 @given(x=S.logits((4, 3), 20.0), y=S.probabilities((4, 3)) | S.hard_labels((4, 3)),
        alpha=st.none() | st.floats(0.0, 1.0))
 def test_focal_star_with_gamma_one_and_beta_zero_is_cross_entropy(dtype, x, y, alpha):
   x, y = jnp.asarray(x).astype(dtype), jnp.asarray(y).astype(dtype)
-  star = lambda x: jfocal.sigmoid_focal_loss_star(x, y, alpha=alpha, gamma=1.0, beta=0.0)
-  core = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=0.0)
-  assert_close(star(x), core(x), dtype)
-  assert_close(jax.grad(lambda x: jnp.sum(star(x)))(x), jax.grad(lambda x: jnp.sum(core(x)))(x),
-               dtype)
+  alpha = None if alpha is None else jnp.asarray(alpha, dtype)
+  got, expected = _star_and_cross_entropy(x, y, alpha)
+  for g, e in zip(got, expected):
+    assert_close(g, e, dtype)
+
+
+@functools.partial(jax.jit, static_argnames="gamma")
+def _poly1_and_core(x, ids, alpha, gamma):
+  pairs = [
+      (lambda x: jfocal.poly1_focal_loss(x, ids, epsilon=0.0, alpha=alpha, gamma=gamma),
+       lambda x: jfocal.sigmoid_focal_loss(x, ids, alpha=alpha, gamma=gamma)),
+      (lambda x: jfocal.poly1_cross_entropy(x, jnp.minimum(ids, 2), epsilon=0.0),
+       lambda x: jfocal.softmax_cross_entropy(x, jnp.minimum(ids, 2))),
+  ]
+  return [(with_grad(poly, x), with_grad(core, x)) for poly, core in pairs]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -85,16 +104,17 @@ def test_focal_star_with_gamma_one_and_beta_zero_is_cross_entropy(dtype, x, y, a
        gamma=st.sampled_from([0.0, 0.5, 2.0]), alpha=st.none() | st.floats(0.0, 1.0))
 def test_poly1_with_epsilon_zero_is_cross_entropy_and_focal_loss(dtype, x, ids, gamma, alpha):
   x, ids = jnp.asarray(x).astype(dtype), jnp.asarray(ids)
-  pairs = [
-      (lambda x: jfocal.poly1_focal_loss(x, ids, epsilon=0.0, alpha=alpha, gamma=gamma),
-       lambda x: jfocal.sigmoid_focal_loss(x, ids, alpha=alpha, gamma=gamma)),
-      (lambda x: jfocal.poly1_cross_entropy(x, jnp.minimum(ids, 2), epsilon=0.0),
-       lambda x: jfocal.softmax_cross_entropy(x, jnp.minimum(ids, 2))),
-  ]
-  for poly, core in pairs:
-    assert_close(poly(x), core(x), dtype)
-    assert_close(jax.grad(lambda x: jnp.sum(poly(x)))(x), jax.grad(lambda x: jnp.sum(core(x)))(x),
-                 dtype)
+  alpha = None if alpha is None else jnp.asarray(alpha, dtype)
+  for got, expected in _poly1_and_core(x, ids, alpha, gamma=gamma):
+    for g, e in zip(got, expected):
+      assert_close(g, e, dtype)
+
+
+@functools.partial(jax.jit, static_argnames="beta")
+def _quality_and_focal(x, y, beta):
+  quality = lambda x: jfocal.quality_focal_loss(x, y, beta=beta)
+  focal = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=None, gamma=beta)
+  return with_grad(quality, x), with_grad(focal, x)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
@@ -103,11 +123,9 @@ def test_poly1_with_epsilon_zero_is_cross_entropy_and_focal_loss(dtype, x, ids, 
 def test_quality_focal_with_hard_targets_is_focal_loss_with_gamma_beta_and_no_alpha(
     dtype, x, y, beta):
   x, y = jnp.asarray(x).astype(dtype), jnp.asarray(y).astype(dtype)
-  quality = lambda x: jfocal.quality_focal_loss(x, y, beta=beta)
-  focal = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=None, gamma=beta)
-  assert_close(quality(x), focal(x), dtype)
-  assert_close(jax.grad(lambda x: jnp.sum(quality(x)))(x),
-               jax.grad(lambda x: jnp.sum(focal(x)))(x), dtype)
+  got, expected = _quality_and_focal(x, y, beta=beta)
+  for g, e in zip(got, expected):
+    assert_close(g, e, dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])

@@ -29,17 +29,22 @@ def test_axis_name_gives_the_global_batchs_loss_and_gradient(loss, reduction, no
                             where=where.reshape((12,) + where.shape[2:]), **options)
   split = jax.vmap(lambda x, y, w: loss.fn(x, y, where=w, axis_name="images", **options),
                    axis_name="images")
-  expected, got = whole(x), jax.jit(split)(x, ids, where)
+  first = (lambda result: result[0]) if loss.stateful else (lambda result: result)
+
+  @jax.jit
+  def evaluate(x):  # one program for both ways and their gradients
+    grad_whole = jax.grad(lambda x: first(whole(x)))(x)
+    # Each image differentiates its own copy of the global loss with respect to
+    # its own logits (jfocal.engine.reduce.global_sum): together, the global gradient.
+    grad_split = jax.grad(lambda x: jnp.sum(first(split(x, ids, where))))(x)
+    return whole(x), split(x, ids, where), grad_whole, grad_split
+
+  expected, got, grad_whole, grad_split = evaluate(x)
   if not loss.stateful:
     expected, got = (expected,), (got,)
   for part, (g, e) in enumerate(zip(got, expected)):
     for image in range(2):
       assert_close(g[image], e, jnp.float32, what=f"result {part} of image {image}")
-  first = (lambda result: result[0]) if loss.stateful else (lambda result: result)
-  grad_whole = jax.grad(lambda x: first(whole(x)))(x)
-  # Each image differentiates its own copy of the global loss with respect to
-  # its own logits (jfocal.engine.reduce.global_sum): together, the global gradient.
-  grad_split = jax.grad(lambda x: jnp.sum(first(split(x, ids, where))))(x)
   assert_close(grad_split, grad_whole, jnp.float32)
 
 

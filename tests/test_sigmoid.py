@@ -1,5 +1,7 @@
 """The sigmoid family against textbook formulas, the paper's closed forms, optax and itself."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from hypothesis import given, strategies as st
 import jfocal
 import references as ref
 import strategies as S
-from helpers import assert_close, on_reference_device
+from helpers import assert_close, on_reference_device, with_grad
 
 # Central differences in float64 with this step agree to about step**2 * f''' / 6.
 FD_STEP = 1e-5
@@ -138,15 +140,21 @@ def _elementwise_second_derivatives(fn, x, y):
           jax.jvp(lambda y: grad_y(x, y), (y,), (ones,))[1])
 
 
+@functools.partial(jax.jit, static_argnames="gamma")
+def _focal_second_derivatives(x, y, alpha, gamma):  # one program for all examples of a gamma
+  return _elementwise_second_derivatives(
+      lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma), x, y)
+
+
 @given(x=S.logits((8,), 10.0), y=S.probabilities((8,), 0.02, 0.98) | S.hard_labels((8,)),
        gamma=S.gammas, alpha=st.none() | st.floats(0, 1))
 def test_second_derivatives_match_float64_textbook(x, y, gamma, alpha):
-  fn = lambda x, y: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
   reference = on_reference_device(
       lambda x, y: _elementwise_second_derivatives(
           lambda x, y: ref.sigmoid_focal(x, y, alpha, gamma), x, y))
   hard = bool(np.all((y == 0) | (y == 1)))
-  got = _elementwise_second_derivatives(fn, jnp.asarray(x), jnp.asarray(y))
+  got = _focal_second_derivatives(jnp.asarray(x), jnp.asarray(y),
+                                  None if alpha is None else jnp.asarray(alpha), gamma=gamma)
   want = reference(x, y)
   # Second derivatives that involve labels are only promised strictly inside (0, 1).
   names = ("d2/dx2",) if hard else ("d2/dx2", "d2/dxdy", "d2/dy2")
@@ -163,16 +171,20 @@ def test_confidently_wrong_predictions_keep_their_gradient(gamma):
   np.testing.assert_allclose(grad, -1.0, rtol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnames="gamma")
+def _ours_and_optaxs(x, y, gamma):
+  return [(with_grad(lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma), x),
+           with_grad(lambda x: optax.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma), x))
+          for alpha in (None, 0.25)]
+
+
 @given(x=S.logits((4, 3), 10.0), y=S.probabilities((4, 3)) | S.hard_labels((4, 3)),
        gamma=S.gammas)
 def test_agrees_with_optax_sigmoid_focal_loss(x, y, gamma):
   x, y = jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)
-  for alpha in (None, 0.25):
-    ours = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
-    theirs = lambda x: optax.sigmoid_focal_loss(x, y, alpha=alpha, gamma=gamma)
-    assert_close(ours(x), theirs(x), jnp.float32, what="loss vs optax")
-    assert_close(jax.grad(lambda x: jnp.sum(ours(x)))(x), jax.grad(lambda x: jnp.sum(theirs(x)))(x),
-                 jnp.float32, what="gradient vs optax")
+  for ours, theirs in _ours_and_optaxs(x, y, gamma=gamma):
+    for name, got, expected in zip(("loss", "gradient"), ours, theirs):
+      assert_close(got, expected, jnp.float32, what=f"{name} vs optax")
 
 
 @given(x=S.logits((5, 2), 30.0), y=S.probabilities((5, 2)))

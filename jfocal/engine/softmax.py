@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jfocal.engine import checks, numerics, reduce as reducing
+from jfocal.engine import checks, reduce as reducing
 
 
 class SoftmaxInputs(NamedTuple):
@@ -175,48 +175,85 @@ def _shift_jvp(primals, tangents):
   return _shift(*primals), tangents[0]
 
 
-def _excluding(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+def _normalizer_parts(shifted: jax.Array, excluded: jax.Array,
+                      axis: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """``(others, rest, shifted_k, log_sum)`` for one excluded class ``k`` per row.
+
+  ``others`` is ``exp(shifted)`` with 0 at ``k`` and ``rest`` its sum, so that
+  ``log_sum = log1p(rest + expm1(shifted_k))``. The derivative rules reuse
+  ``others``: XLA on the CPU writes it to memory for its reduction kernel
+  anyway, and the gradient then costs one multiplication per logit.
+  """
   column = jax.lax.broadcasted_iota(excluded.dtype, shifted.shape, axis)
-  rest = jnp.sum(jnp.where(column == excluded, 0, jnp.exp(shifted)), axis=axis, keepdims=True)
-  return jnp.log1p(rest + jnp.expm1(jnp.take_along_axis(shifted, excluded, axis=axis)))
+  others = jnp.where(column == excluded, 0, jnp.exp(shifted))
+  rest = jnp.sum(others, axis=axis, keepdims=True)
+  shifted_k = jnp.take_along_axis(shifted, excluded, axis=axis)
+  return others, rest, shifted_k, jnp.log1p(rest + jnp.expm1(shifted_k))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
-  """``log sum_c exp(shifted_c)`` as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))``."""
-  return _excluding(shifted, excluded, axis)
+  """``log sum_c exp(shifted_c)``, as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))``."""
+  return _normalizer_parts(shifted, excluded, axis)[3]
 
 
 @_log_sum.defjvp
 def _log_sum_jvp(axis, primals, tangents):
   shifted, excluded = primals
-  value = _log_sum(shifted, excluded, axis)
-  # The softmax, recomputed from a fenced copy rather than shared with the
-  # value: XLA on the CPU would otherwise write exp(shifted) to memory for both.
-  p = jnp.exp(numerics.fence(shifted) - value)
-  return value, jnp.sum(p * tangents[0], axis=axis, keepdims=True)
+  others, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
+  # The softmax's numerators, with the excluded class's put back.
+  column = jax.lax.broadcasted_iota(excluded.dtype, shifted.shape, axis)
+  numerators = jnp.where(column == excluded, jnp.exp(shifted_k), others)
+  return log_sum, (jnp.sum(numerators * tangents[0], axis=axis, keepdims=True)
+                   * jnp.exp(-log_sum))
 
 
-def log_normalizer(inputs: SoftmaxInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(shifted, log_sum, shifted_excluded)`` with ``-log p_c = log_sum - shifted_c``.
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _excluded_nll(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+  """``-log p_k = log_sum - shifted_k`` of the excluded class, with the class axis kept."""
+  _, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
+  return log_sum - shifted_k
+
+
+@_excluded_nll.defjvp
+def _excluded_nll_jvp(axis, primals, tangents):
+  shifted, excluded = primals
+  others, rest, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
+  tangent_k = jnp.take_along_axis(tangents[0], excluded, axis=axis)
+  # d(-log p_k) = sum_c p_c ds_c - ds_k. The coefficient of ds_k, p_k - 1, is
+  # -rest / S: exact as p_k -> 1 and one gathered tangent, so the gradient
+  # has a single scatter.
+  tangent = jnp.sum(others * tangents[0], axis=axis, keepdims=True) - rest * tangent_k
+  return log_sum - shifted_k, tangent * jnp.exp(-log_sum)
+
+
+class LogNormalizer(NamedTuple):
+  """The negative log-probabilities of a row: ``-log p_c = log_sum - shifted_c``."""
+  shifted: jax.Array    # x - max(x), x's shape
+  log_sum: jax.Array    # log sum_c exp(shifted_c), the class axis kept
+  excluded: jax.Array   # -log p_k of the excluded class (the target id), the class axis kept
+
+
+def log_normalizer(inputs: SoftmaxInputs) -> LogNormalizer:
+  """The log-normaliser, computed so that ``-log p`` keeps its relative precision.
 
   ``shifted = x - max(x)`` and ``log_sum = log sum_c exp(shifted_c)``,
   computed as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))`` for
   one excluded class ``k`` per row: the target (class ids) or the row's
   maximum (dense targets). Where ``p_k -> 1`` the loss
-  ``-log p_k = log1p(small)`` then keeps its relative precision instead of
-  rounding ``log(1 + small)``; the sum of the other classes never cancels
-  (with ``k`` the maximum, ``expm1(0) = 0``; otherwise it holds the maximum's
-  1). The derivative of ``log_sum`` is the softmax. ``shifted_excluded`` is
-  ``shifted_k``, with the class axis kept.
+  ``-log p_k = log1p(small) - shifted_k`` then keeps its relative precision
+  instead of rounding ``log(1 + small)``; the sum of the other classes never
+  cancels (with ``k`` the maximum, ``expm1(0) = 0``; otherwise it holds the
+  maximum's 1). Both have analytic derivatives (the softmax, and the softmax
+  minus the one-hot at ``k``); XLA removes whichever a loss does not use.
   """
   x, axis = inputs.x, inputs.axis
   top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
   shifted = _shift(x, top)
   excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
   excluded = jnp.expand_dims(excluded, axis)
-  shifted_excluded = jnp.take_along_axis(shifted, excluded, axis=axis)
-  return shifted, _log_sum(shifted, excluded, axis), shifted_excluded
+  return LogNormalizer(shifted, _log_sum(shifted, excluded, axis),
+                       _excluded_nll(shifted, excluded, axis))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
@@ -264,7 +301,7 @@ def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], 
   target's term is gathered, and label smoothing adds ``eps / K`` of every
   class's term (``K`` the number of classes, or of unmasked classes).
   """
-  shifted, log_sum, shifted_excluded = log_normalizer(inputs)
+  normalizer = log_normalizer(inputs)
   axis, classes, eps = inputs.axis, inputs.classes, inputs.label_smoothing
   alpha = checked_alpha(alpha, inputs)
   class_weights = None if alpha is None else jnp.expand_dims(
@@ -275,7 +312,7 @@ def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], 
     choices = jnp.maximum(jnp.sum(classes, axis=axis, dtype=inputs.dtype), 1)
 
   def all_terms() -> jax.Array:
-    n = log_sum - shifted
+    n = normalizer.log_sum - normalizer.shifted
     if classes is not None:  # masked classes: term(0) = 0, with finite derivatives
       n = jnp.where(classes, n, 0)
     return term(n)
@@ -291,7 +328,7 @@ def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], 
       targets = targets * class_weights
     return class_sum(targets, all_terms(), axis)
 
-  n = jnp.squeeze(log_sum - shifted_excluded, axis)
+  n = jnp.squeeze(normalizer.excluded, axis)
   if inputs.kept is not None:  # a masked target class adds nothing
     n = jnp.where(inputs.kept, n, 0)
   loss = term(n)

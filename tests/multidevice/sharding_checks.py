@@ -69,17 +69,21 @@ def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction,
   call = lambda x, y: fn(x, y, reduction=reduction, normalizer=normalizer)
   summed = lambda x, y: jnp.sum(call(x, y))
 
-  expected, expected_grad = jax.value_and_grad(summed)(logits, ids)
-  step = jax.jit(jax.value_and_grad(summed))
+  # One device: the loss and its gradient in one program.
+  expected_loss, (expected, expected_grad) = jax.jit(
+      lambda x, y: (call(x, y), jax.value_and_grad(summed)(x, y)))(logits, ids)
+  # Compiled once, run and read.
+  step = jax.jit(jax.value_and_grad(summed)).lower(*sharded).compile()
+  loss_only = jax.jit(call).lower(*sharded).compile()
   value, grad = step(*sharded)
   assert_close(value, expected, jnp.float32)
   assert_close(grad, expected_grad, jnp.float32)
   assert grad.sharding.spec[:2] == ("images", "anchors"), "the gradient stays sharded"
-  assert_close(jax.jit(call)(*sharded), call(logits, ids), jnp.float32)
+  assert_close(loss_only(*sharded), expected_loss, jnp.float32)
 
   # GHM-C sums its histogram whatever the reduction.
-  for program, reduces in ((jax.jit(call), reduction != "none" or not fn.elementwise), (step, True)):
-    ops = collectives(program.lower(*sharded).compile())
+  for compiled, reduces in ((loss_only, reduction != "none" or not fn.elementwise), (step, True)):
+    ops = collectives(compiled)
     moving = [name for name, _ in ops if name in MOVING_COLLECTIVES]
     assert not moving, f"logits-sized data moves between devices: {moving}"
     sizes = [shapes for name, shapes in ops if name == "all-reduce"]
@@ -90,26 +94,34 @@ def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction,
     assert bool(sizes) == reduces, f"a global reduction all-reduces partial sums; got {ops}"
 
 
-# Every reduction over one mesh axis; the detector's reduction also over two.
-MAPPED = ([(reduction, normalizer, ("data",)) for reduction, normalizer in REDUCTIONS]
-          + [("sum", None, ("data",)), ("mean", "num_positives", ("images", "anchors"))])
+# Every loss: the unreduced loss, and the detector's reduction over two mesh axes. The
+# reductions are the engine's (`jfocal.engine.reduce`), one for every loss, so the other
+# reductions over one axis run for the two focal losses and the stateful GHM-C.
+MAPPED = [("none", None, ("data",)), ("mean", "num_positives", ("images", "anchors")),
+          ("mean", "num_positives", ("data",)), ("sum", None, ("data",))]
+ONE_AXIS_LOSSES = ("sigmoid_focal_loss", "softmax_focal_loss", "ghmc_loss")
+MAPPED_CASES = [pytest.param(p.values[0], *config, id=f"{p.id}-{'-'.join(map(str, config[:2]))}-"
+                             f"{len(config[2])}axes")
+                for p in registry.PARAMS for i, config in enumerate(MAPPED)
+                if i < 2 or p.id in ONE_AXIS_LOSSES]
 
 
-@pytest.mark.parametrize("reduction, normalizer, axes", MAPPED)
-def test_shard_map_with_axis_name_equals_one_device(loss, reduction, normalizer, axes):
+@pytest.mark.parametrize("fn, reduction, normalizer, axes", MAPPED_CASES)
+def test_shard_map_with_axis_name_equals_one_device(fn, reduction, normalizer, axes):
   """Each device gets the global loss and its share of the global gradient."""
-  fn, family = loss
+  family = fn.family
   logits, ids = batch(family)
   mesh = jax.make_mesh((8,), axes) if len(axes) == 1 else jax.make_mesh((4, 2), axes)
   spec = P(*axes) if len(axes) == 2 else P(axes[0])
   axis_name = axes if len(axes) == 2 else axes[0]
   summed = lambda x, y, **kw: jnp.sum(fn(x, y, reduction=reduction, normalizer=normalizer, **kw))
-  expected, expected_grad = jax.value_and_grad(summed)(logits, ids)
+  expected_loss, (expected, expected_grad) = jax.jit(
+      lambda x, y: (fn(x, y), jax.value_and_grad(summed)(x, y)))(logits, ids)
 
   if reduction == "none":  # nothing to reduce: the loss stays sharded like the logits
     per_device = lambda x, y: (fn(x, y, axis_name=axis_name),
                                jax.grad(summed)(x, y, axis_name=axis_name))
-    value_spec, expected = spec, fn(logits, ids)
+    value_spec, expected = spec, expected_loss
   else:
     per_device = lambda x, y: jax.value_and_grad(summed)(x, y, axis_name=axis_name)
     value_spec = P()
