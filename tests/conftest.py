@@ -30,7 +30,7 @@ settings.register_profile(
                            HealthCheck.function_scoped_fixture])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-# The longest tests (subprocesses, notebooks, training runs) start first, so that the two
+# The longest tests (subprocesses, notebooks, training runs) start first, so that the
 # workers of `make test` finish together instead of one waiting on a late long test.
 LONG = ("test_multidevice.py::", "test_notebooks.py::test_notebook_executes",
         "test_retinanet.py::test_a_short_run")

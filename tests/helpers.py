@@ -79,3 +79,8 @@ def all_finite(**arrays):
 def with_grad(fn, x):
   """``(fn(x), d sum(fn(x)) / dx)``: a loss and its gradient, to put several in one program."""
   return fn(x), jax.grad(lambda x: jnp.sum(fn(x)))(x)
+
+
+def optional_array(value, dtype=None):
+  """A drawn option (alpha) as an array, to pass to a jitted test program; None stays None."""
+  return None if value is None else jnp.asarray(value, dtype)

@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 import jfocal
 import references as ref
 import strategies as S
-from helpers import assert_close, on_reference_device, with_grad
+from helpers import assert_close, on_reference_device, optional_array, with_grad
 
 @given(x=S.logits((4, 5), 20.0), y=S.probabilities((4, 5), 0.01, 1.0),
        epsilon=st.sampled_from([-1.0, 1.0, 2.0]))
@@ -82,8 +82,7 @@ def _star_and_cross_entropy(x, y, alpha):
        alpha=st.none() | st.floats(0.0, 1.0))
 def test_focal_star_with_gamma_one_and_beta_zero_is_cross_entropy(dtype, x, y, alpha):
   x, y = jnp.asarray(x).astype(dtype), jnp.asarray(y).astype(dtype)
-  alpha = None if alpha is None else jnp.asarray(alpha, dtype)
-  got, expected = _star_and_cross_entropy(x, y, alpha)
+  got, expected = _star_and_cross_entropy(x, y, optional_array(alpha, dtype))
   for g, e in zip(got, expected):
     assert_close(g, e, dtype)
 
@@ -104,8 +103,7 @@ def _poly1_and_core(x, ids, alpha, gamma):
        gamma=st.sampled_from([0.0, 0.5, 2.0]), alpha=st.none() | st.floats(0.0, 1.0))
 def test_poly1_with_epsilon_zero_is_cross_entropy_and_focal_loss(dtype, x, ids, gamma, alpha):
   x, ids = jnp.asarray(x).astype(dtype), jnp.asarray(ids)
-  alpha = None if alpha is None else jnp.asarray(alpha, dtype)
-  for got, expected in _poly1_and_core(x, ids, alpha, gamma=gamma):
+  for got, expected in _poly1_and_core(x, ids, optional_array(alpha, dtype), gamma=gamma):
     for g, e in zip(got, expected):
       assert_close(g, e, dtype)
 

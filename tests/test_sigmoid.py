@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import jfocal
 import references as ref
 import strategies as S
-from helpers import assert_close, on_reference_device, with_grad
+from helpers import assert_close, on_reference_device, optional_array, with_grad
 
 # Central differences in float64 with this step agree to about step**2 * f''' / 6.
 FD_STEP = 1e-5
@@ -153,8 +153,8 @@ def test_second_derivatives_match_float64_textbook(x, y, gamma, alpha):
       lambda x, y: _elementwise_second_derivatives(
           lambda x, y: ref.sigmoid_focal(x, y, alpha, gamma), x, y))
   hard = bool(np.all((y == 0) | (y == 1)))
-  got = _focal_second_derivatives(jnp.asarray(x), jnp.asarray(y),
-                                  None if alpha is None else jnp.asarray(alpha), gamma=gamma)
+  got = _focal_second_derivatives(jnp.asarray(x), jnp.asarray(y), optional_array(alpha),
+                                  gamma=gamma)
   want = reference(x, y)
   # Second derivatives that involve labels are only promised strictly inside (0, 1).
   names = ("d2/dx2",) if hard else ("d2/dx2", "d2/dxdy", "d2/dy2")

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 import jfocal
 import references as ref
 import strategies as S
-from helpers import assert_close, on_reference_device
+from helpers import assert_close, on_reference_device, optional_array
 
 
 @st.composite
@@ -79,8 +79,7 @@ def test_hessian_matches_float64_textbook(x, ids, gamma, alpha):
   one_hot = (ids[..., None] == np.arange(4)).astype(np.float64)
   textbook = lambda x, y: jnp.sum(ref.softmax_focal(x, y, alpha, gamma))
   expected = on_reference_device(lambda x, y: jax.hessian(textbook)(x, y))(x, one_hot)
-  got = _focal_hessian(jnp.asarray(x), jnp.asarray(ids),
-                       None if alpha is None else jnp.asarray(alpha), gamma=gamma)
+  got = _focal_hessian(jnp.asarray(x), jnp.asarray(ids), optional_array(alpha), gamma=gamma)
   assert_close(got, expected, jnp.float64, what="hessian", scale=1e3)
 
 
@@ -280,12 +279,16 @@ MARGINS = [0.0, 0.5, 1.0, 5.0, 10.0, 15.0, 17.0, 20.0, 30.0, 50.0, 80.0, 100.0, 
 
 
 def _exact_tail(margin, others, gamma):
-  """(1 - p_t)^gamma (-log p_t) and log(1 - p_t) with 40 digits, for logits [m, 0, ...], target 0."""
+  """For logits [m, 0, ...] and target 0, with 40 digits: the loss (1 - p_t)^gamma (-log p_t),
+  log(1 - p_t), and d loss / d z_t = -(1 - p_t) t'(-log p_t)."""
   import mpmath
   with mpmath.workdps(40):
     rest = others * mpmath.exp(-mpmath.mpf(margin))
-    one_minus_p = rest / (1 + rest)
-    return float(one_minus_p ** gamma * mpmath.log1p(rest)), float(mpmath.log(one_minus_p))
+    q = rest / (1 + rest)  # 1 - p_t
+    n = mpmath.log1p(rest)
+    slope = gamma * q ** (gamma - 1) * (1 - q) * n if gamma else 0  # t' = slope + q^gamma
+    gradient = -q * (slope + q ** gamma)
+    return float(q ** gamma * n), float(mpmath.log(q)), float(gradient)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -303,7 +306,7 @@ def test_relative_precision_as_p_t_tends_to_one(dtype):
       eager = lambda x: jfocal.softmax_focal_loss(x, y, gamma=gamma)
       for loss in (eager, jax.jit(eager)):
         for margin in MARGINS:
-          exact, log_one_minus_p = _exact_tail(margin, 4, gamma)
+          exact, log_one_minus_p, _ = _exact_tail(margin, 4, gamma)
           ulps = 8 + (0 if float(gamma).is_integer() else gamma * abs(log_one_minus_p))
           value = float(loss(jnp.asarray([[margin, 0.0, 0.0, 0.0, 0.0]], dtype))[0])
           assert not np.signbit(value), f"-0.0 at margin {margin} ({name}, gamma {gamma})"
@@ -322,17 +325,12 @@ def test_target_gradient_keeps_relative_precision_as_p_t_tends_to_one(dtype):
   ``p_t - 1`` is computed as minus the other classes' share, not by subtracting
   from 1, so it does not round to 0 while the loss is still representable.
   """
-  import mpmath
   tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
   for gamma in (0, 2):
     eager = jax.grad(lambda x: jnp.sum(jfocal.softmax_focal_loss(x, jnp.array([0]), gamma=gamma)))
     for grad in (eager, jax.jit(eager)):
       for margin in MARGINS:
-        with mpmath.workdps(40):
-          rest = 4 * mpmath.exp(-mpmath.mpf(margin))
-          q = rest / (1 + rest)  # 1 - p_t
-          n = mpmath.log1p(rest)
-          exact = float(-q * (gamma * q ** max(gamma - 1, 0) * (1 - q) * n + q ** gamma))
+        exact = _exact_tail(margin, 4, gamma)[2]
         if -exact < tiny:
           continue
         value = float(grad(jnp.asarray([[margin, 0.0, 0.0, 0.0, 0.0]], dtype))[0, 0])
