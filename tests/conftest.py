@@ -36,8 +36,14 @@ LONG = ("test_multidevice.py::", "test_notebooks.py::test_notebook_executes",
         "test_retinanet.py::test_a_short_run")
 
 
+# Then the detector's tests: `pytest-xdist` hands each worker a run of consecutive tests, so
+# they share one worker and its compiled initialisation (about 15 s per process).
+SHARED_SETUP = ("test_retinanet.py::",)
+
+
 def pytest_collection_modifyitems(items):
-  items.sort(key=lambda item: not any(name in item.nodeid for name in LONG))
+  items.sort(key=lambda item: (not any(name in item.nodeid for name in LONG),
+                               not any(name in item.nodeid for name in SHARED_SETUP)))
 
 
 @pytest.fixture

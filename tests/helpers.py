@@ -25,6 +25,10 @@ TOLERANCES = {
 }
 
 REFERENCE_DEVICE = jax.devices("cpu")[0]
+# A reference program runs once, on a few numbers: LLVM's optimisations would take
+# longer than they save. (XLA's graph passes still run; the results are IEEE float64.)
+REFERENCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                              "xla_llvm_disable_expensive_passes": True}
 
 
 def assert_close(actual, expected, dtype, *, what="value", scale=1.0):
@@ -59,7 +63,9 @@ def on_reference_device(fn, *, jit=False):
     with jax.default_device(REFERENCE_DEVICE):
       args = [None if a is None else jnp.asarray(a).astype(jnp.float64) for a in args]
       call = functools.partial(fn, **kwargs)
-      return (jax.jit(call) if jit else call)(*args)
+      if not jit:
+        return call(*args)
+      return jax.jit(call).lower(*args).compile(REFERENCE_COMPILER_OPTIONS)(*args)
   return wrapped
 
 

@@ -162,15 +162,15 @@ def test_vmapped_per_anchor_loss_equals_the_batched_call(loss):
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_jit_equals_eager(loss, reduction):
   logits, ids = batch(loss, seed=5)
-  eager = loss(logits, ids, reduction=reduction)
-  jitted = jax.jit(lambda x, y: loss(x, y, reduction=reduction))(logits, ids)
+  call = lambda x: loss(x, ids, reduction=reduction)
+  grad = jax.grad(lambda x: jnp.sum(call(x)))
+  eager, eager_grad = call(logits), np.asarray(grad(logits))
+  jitted, jitted_grad = jax.jit(lambda x: (call(x), grad(x)))(logits)  # one program
   np.testing.assert_array_max_ulp(np.asarray(jitted), np.asarray(eager), maxulp=1)
   # Eagerly, JAX runs the forward and backward passes as two programs, jit as one,
   # so the gradient may round differently: within one float32 ulp of its scale.
-  grad = lambda x: jax.grad(lambda x: jnp.sum(loss(x, ids, reduction=reduction)))(x)
-  eager_grad = np.asarray(grad(logits))
   atol = np.finfo(np.float32).eps * np.max(np.abs(eager_grad))
-  np.testing.assert_allclose(jax.jit(grad)(logits), eager_grad, rtol=0, atol=atol)
+  np.testing.assert_allclose(jitted_grad, eager_grad, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("loss", PARAMS)

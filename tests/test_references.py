@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 
 import registry
 import strategies as S
-from helpers import FLOAT_DTYPES, all_finite, assert_close, on_reference_device
+from helpers import FLOAT_DTYPES, all_finite, assert_close, host, on_reference_device
 from jfocal.engine import program
 
 PARAMS = registry.PARAMS
@@ -172,22 +172,25 @@ def test_traced_hyper_parameters_jit_vmap_and_differentiate(loss, name):
                                       for v in loss.grid.get(name, ()) if v is not None]
   values = [v for v in values if np.shape(v) == np.shape(values[0])]
   options = {k: v for k, v in loss.options(3).items() if k != name}
-  traced = jax.jit(lambda x, p: loss(x, ids, **options, **{name: p}))
-  for value in values:
-    static = loss(x, ids, **options, **{name: value})
+  with_value = lambda x, p: loss(x, ids, **options, **{name: p})
+  # Python numbers (static, each its own program) and arrays (traced, one program).
+  statics = jax.jit(lambda x: [with_value(x, value) for value in values])(x)
+  traced = jax.jit(with_value)
+  for value, static in zip(values, statics):
     assert_close(traced(x, jnp.asarray(value, jnp.float64)), static, jnp.float64,
                  what=f"traced {name}={value}")
   assert traced._cache_size() == 1, f"{name} is traced: one compilation for every value"
   stacked = jnp.asarray(np.stack([np.asarray(v, np.float64) for v in values]))
-  mapped = jax.vmap(lambda p: loss(x, ids, **options, **{name: p}))(stacked)
-  for row, value in zip(mapped, values):
-    assert_close(row, loss(x, ids, **options, **{name: value}), jnp.float64, what="vmap")
-  for value in values:
-    p = jnp.asarray(value, jnp.float64)
-    got = jax.grad(lambda p: jnp.sum(loss(x, ids, **options, **{name: p})))(p)
-    expected = on_reference_device(jax.grad(
-        lambda p, x, y: jnp.sum(loss.reference(x, y, **options, **{name: p}))))(p, x, y)
-    assert_close(got, expected, jnp.float64, what=f"d/d{name} at {value}")
+  mapped = jax.vmap(lambda p: with_value(x, p))(stacked)
+  for row, static, value in zip(mapped, statics, values):
+    assert_close(row, static, jnp.float64, what=f"vmap at {name}={value}")
+  # d loss / d parameter at every value: one program, and one for the reference.
+  points = [jnp.asarray(value, jnp.float64) for value in values]
+  got = jax.jit(lambda ps: [jax.grad(lambda p: jnp.sum(with_value(x, p)))(p) for p in ps])(points)
+  expected = on_reference_device(lambda x, y, *ps: [jax.grad(lambda p: jnp.sum(
+      loss.reference(x, y, **options, **{name: p})))(p) for p in ps], jit=True)(x, y, *points)
+  for value, g, e in zip(values, got, expected):
+    assert_close(g, e, jnp.float64, what=f"d/d{name} at {value}")
 
 
 EXTREME_LOGITS = np.array([-1e4, -1e3, -100.0, -30.0, -1e-3, 0.0, 1e-3, 30.0, 100.0, 1e3, 1e4])
@@ -216,18 +219,22 @@ def _derivatives(loss, x, y, **params):
   return results
 
 
-def _assert_finite_where_representable(results, wide_results, dtype, what):
-  """Finite; in float16, where the float32 computation (``wide_results``) fits its range.
+def _assert_finite_where_representable(results, whats, widen, dtype):
+  """Every dict of ``results`` finite; in float16 where its float32 computation fits the range.
 
+  ``widen()`` computes the float32 results, only when some float16 result is not finite.
   GHM-C's weights reach N / bins, so at |x| = 1e4 a float16 loss or derivative
   may exceed 65504: a property of float16, not of the loss.
   """
-  for name, value in results.items():
-    value = np.asarray(value, np.float64)
-    if wide_results is not None:
-      fits = np.abs(np.asarray(wide_results[name], np.float64)) <= float(jnp.finfo(dtype).max)
-      value = np.where(fits, value, 0)
-    all_finite(**{f"{name} with {what}": value})
+  results = [{name: host(value) for name, value in r.items()} for r in results]
+  wides = [None] * len(results)
+  if dtype == jnp.float16 and not all(np.isfinite(v).all() for r in results for v in r.values()):
+    wides = widen()
+  for r, wide, what in zip(results, wides, whats):
+    for name, value in r.items():
+      if wide is not None:
+        value = np.where(np.abs(host(wide[name])) <= float(jnp.finfo(dtype).max), value, 0)
+      all_finite(**{f"{name} with {what}": value})
 
 
 def _code_paths(loss):
@@ -245,7 +252,11 @@ def _code_paths(loss):
         path = "zero" if value == 0 else "integer" if float(value).is_integer() else "fraction"
         representatives.setdefault(path, value)
     settings += [{name: value} for value in representatives.values()]
-  return settings
+  # A setting that repeats the registry's own value (its default gamma, bins, ...) adds no path.
+  repeats = lambda name, value: name in loss.params and (
+      loss.params[name] is value or (not callable(value) and loss.params[name] == value))
+  return [setting for setting in settings
+          if not setting or not all(repeats(k, v) for k, v in setting.items())]
 
 
 @pytest.mark.parametrize("loss", PARAMS)
@@ -268,18 +279,16 @@ def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
   evaluate = jax.jit(lambda x, labels: [
       [_derivatives(loss, x, y, **params) for params in options] for y in labels])
   traced = jax.jit(lambda x, labels, p: [_derivatives(loss, x, y, **static, **p) for y in labels])
-  # float16's float32 computation tells where float16 can hold the value.
   wide_x = x.astype(jnp.float32)
   wide_labels = [y.astype(jnp.float32) if y.dtype == dtype else y for y in label_sets]
-  half = dtype == jnp.float16
-  wide = evaluate(wide_x, wide_labels) if half else [[None] * len(settings)] * len(label_sets)
-  for per_setting, wide_per_setting in zip(evaluate(x, label_sets), wide):
-    for setting, results, wide_results in zip(settings, per_setting, wide_per_setting):
-      _assert_finite_where_representable(results, wide_results, dtype, setting)
+  flat = lambda nested: [r for per_setting in nested for r in per_setting]
+  _assert_finite_where_representable(
+      flat(evaluate(x, label_sets)), settings * len(label_sets),
+      lambda: flat(evaluate(wide_x, wide_labels)), dtype)
   for name, values in traced_values.items():
     for value in values:
       p = {k: jnp.asarray(defaults[k], jnp.float32) for k in traced_values}
       p[name] = jnp.asarray(value, jnp.float32)
-      wide = traced(wide_x, wide_labels, p) if half else [None] * len(label_sets)
-      for results, wide_results in zip(traced(x, label_sets, p), wide):
-        _assert_finite_where_representable(results, wide_results, dtype, f"traced {name}={value}")
+      _assert_finite_where_representable(
+          traced(x, label_sets, p), [f"traced {name}={value}"] * len(label_sets),
+          lambda: traced(wide_x, wide_labels, p), dtype)

@@ -99,15 +99,20 @@ def test_num_positives_counts_unmasked_foreground_targets(ignore_index, mask_a_p
   assert_close(loss(logits), float(total) / one_hot.sum(), jnp.float32)
 
 
+@functools.partial(jax.jit, static_argnames="gamma")  # one program per gamma for all examples
+def _alpha_and_weights_grads(alpha, weights, x, y, gamma):
+  return jax.grad(lambda a, w: jnp.sum(jfocal.sigmoid_focal_loss(
+      x, y, alpha=a, weights=w, gamma=gamma)), (0, 1))(alpha, weights)
+
+
 @given(x=S.logits((3, 4), 12.0), y=S.probabilities((3, 4)), gamma=S.gammas,
        alpha=st.floats(0, 1), weights=S.probabilities((3, 1), high=3.0))
 def test_gradients_with_respect_to_alpha_and_weights(x, y, gamma, alpha, weights):
   """alpha and weights are traced and differentiable, like the logits."""
-  ours = jax.jit(jax.grad(lambda a, w: jnp.sum(jfocal.sigmoid_focal_loss(
-      jnp.asarray(x), jnp.asarray(y), alpha=a, weights=w, gamma=gamma)), (0, 1)))
   reference = on_reference_device(jax.grad(lambda a, w, x, y: jnp.sum(
       ref.sigmoid_focal(x, y, a, gamma) * w), (0, 1)))
-  got = ours(jnp.float64(alpha), jnp.asarray(weights))
+  got = _alpha_and_weights_grads(jnp.float64(alpha), jnp.asarray(weights), jnp.asarray(x),
+                                 jnp.asarray(y), gamma=gamma)
   want = reference(alpha, weights, x, y)
   for name, g, w in zip(("d/dalpha", "d/dweights"), got, want):
     assert_close(g, w, jnp.float64, what=name)
@@ -258,16 +263,20 @@ def test_value_and_grad_keeps_at_most_one_logits_sized_temporary(labels, gamma, 
       x, y, gamma=gamma, reduction="mean"))).lower(x, y).compile()
   assert step.memory_analysis().temp_size_in_bytes <= (temporaries + 0.05) * x.nbytes
 
+
+# One program per shape of pos_weight for all examples.
+_pos_weight_value_and_grads = jax.jit(jax.value_and_grad(
+    lambda x, y, w: jnp.sum(jfocal.sigmoid_cross_entropy(x, y, pos_weight=w)), (0, 1, 2)))
+
+
 @given(x=S.logits((4, 3), 12.0), y=S.probabilities((4, 3)) | S.hard_labels((4, 3)),
        pos_weight=st.sampled_from([1e-3, 0.5, 1.0, 3.0, "vector"]))
 def test_pos_weight_is_pytorchs_weight_of_the_positive_term(x, y, pos_weight):
   """-[w y log p + (1 - y) log(1 - p)], BCEWithLogitsLoss(pos_weight=w), for soft targets too;
   the derivatives in the logits, the targets and a traced w are the formula's."""
   w = np.array([0.5, 2.0, 7.0]) if pos_weight == "vector" else np.float64(pos_weight)
-  ours = lambda x, y, w: jnp.sum(jfocal.sigmoid_cross_entropy(x, y, pos_weight=w))
   theirs = lambda x, y, w: jnp.sum(ref.binary_cross_entropy(x, y, w))
-  value, grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2)))(jnp.asarray(x), jnp.asarray(y),
-                                                               jnp.asarray(w))
+  value, grads = _pos_weight_value_and_grads(jnp.asarray(x), jnp.asarray(y), jnp.asarray(w))
   expected, expected_grads = on_reference_device(jax.value_and_grad(theirs, (0, 1, 2)))(x, y, w)
   assert_close(value, expected, jnp.float64, what="loss")
   for name, g, e in zip(("d/dx", "d/dy", "d/dpos_weight"), grads, expected_grads):

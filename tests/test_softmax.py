@@ -83,10 +83,13 @@ def test_hessian_matches_float64_textbook(x, ids, gamma, alpha):
   assert_close(got, expected, jnp.float64, what="hessian", scale=1e3)
 
 
+_cross_entropy = jax.jit(jfocal.softmax_cross_entropy)  # compiled once for all examples
+
+
 @given(x=S.logits((4, 5), 20.0), ids=S.hnp.arrays(np.int32, (4,), elements=st.integers(0, 4)))
 def test_cross_entropy_agrees_with_optax(x, ids):
   x, ids = jnp.asarray(x, jnp.float32), jnp.asarray(ids)
-  ours = jax.jit(jfocal.softmax_cross_entropy)
+  ours = _cross_entropy
   theirs = optax.softmax_cross_entropy_with_integer_labels
   assert_close(ours(x, ids), theirs(x, ids), jnp.float32, what="loss vs optax")
   assert_close(jax.grad(lambda x: jnp.sum(ours(x, ids)))(x),
@@ -115,11 +118,15 @@ def test_gamma_zero_is_cross_entropy_and_balanced_is_class_weighted(transform):
       alpha[ids] * ce, rtol=1e-12)
 
 
+# Compiled once per gamma and axis for all examples.
+_focal_with_static_gamma = jax.jit(jfocal.softmax_focal_loss, static_argnames=("gamma", "axis"))
+
+
 @given(x=S.logits((3, 4, 2), 6.0), ids=S.hnp.arrays(np.int32, (3, 2), elements=st.integers(0, 3)),
        gamma=S.gammas)
 def test_axis_equals_moveaxis(x, ids, gamma):
   x = jnp.asarray(x)
-  fn = jax.jit(jfocal.softmax_focal_loss, static_argnames=("gamma", "axis"))
+  fn = _focal_with_static_gamma
   moved = jnp.moveaxis(x, 1, -1)
   np.testing.assert_allclose(fn(x, jnp.asarray(ids), gamma=gamma, axis=1),
                              fn(moved, jnp.asarray(ids), gamma=gamma), rtol=1e-12)
@@ -195,22 +202,26 @@ def test_a_tuple_of_class_axes_flattens_them_as_optax_does(axis):
   batch = tuple(d for i, d in enumerate(logits.shape) if i % 4 not in {a % 4 for a in axis})
   num_classes = logits.size // int(np.prod(batch))
   ids = jnp.asarray(rng.integers(0, num_classes, size=batch))
-  theirs = lambda x: optax.softmax_cross_entropy_with_integer_labels(x, ids, axis=axis)
-  ours = lambda x: jfocal.softmax_cross_entropy(x, ids, axis=axis)
-  np.testing.assert_allclose(ours(logits), theirs(logits), rtol=1e-12)
-  np.testing.assert_allclose(jax.grad(lambda x: jnp.sum(ours(x)))(logits),
-                             jax.grad(lambda x: jnp.sum(theirs(x)))(logits), rtol=1e-10,
-                             atol=1e-14)
   # Dense targets and the focal loss take the same flattening.
   targets = jnp.moveaxis(jax.nn.one_hot(ids, num_classes, dtype=jnp.float64), -1, 0)
   flat = [a % 4 for a in axis]
   targets = jnp.transpose(targets.reshape(tuple(logits.shape[a] for a in flat) + batch),
                           np.argsort(flat + [i for i in range(4) if i not in flat]))
-  np.testing.assert_allclose(jfocal.softmax_cross_entropy(logits, targets, axis=axis),
-                             ours(logits), rtol=1e-12)
-  np.testing.assert_allclose(
-      jfocal.softmax_focal_loss(logits, ids, axis=axis, gamma=2.0),
-      jfocal.softmax_focal_loss(logits, targets, axis=axis, gamma=2.0), rtol=1e-12)
+
+  @jax.jit
+  def evaluate(x):  # one program: optax's and ours, values and gradients
+    theirs = lambda x: optax.softmax_cross_entropy_with_integer_labels(x, ids, axis=axis)
+    ours = lambda x: jfocal.softmax_cross_entropy(x, ids, axis=axis)
+    focal = lambda y: jfocal.softmax_focal_loss(x, y, axis=axis, gamma=2.0)
+    gradient = lambda fn: jax.grad(lambda x: jnp.sum(fn(x)))(x)
+    return (ours(x), theirs(x), gradient(ours), gradient(theirs),
+            jfocal.softmax_cross_entropy(x, targets, axis=axis), focal(ids), focal(targets))
+
+  ours, theirs, our_grad, their_grad, dense, focal, dense_focal = evaluate(logits)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+  np.testing.assert_allclose(our_grad, their_grad, rtol=1e-10, atol=1e-14)
+  np.testing.assert_allclose(dense, ours, rtol=1e-12)
+  np.testing.assert_allclose(focal, dense_focal, rtol=1e-12)
 
 
 @given(x=S.logits((3, 5), 8.0), ids=S.hnp.arrays(np.int32, (3,), elements=st.integers(0, 4)),
@@ -238,24 +249,25 @@ def test_a_per_logit_where_equals_removing_the_masked_classes(transform):
                    [0, 0, 0, 0, 0]], bool)
   ids = jnp.array([1, 4, 2, 1, 0])
   poisoned = jnp.where(keep, x, jnp.nan)
-  for labels in (ids, jax.nn.one_hot(ids, 5, dtype=jnp.float64)):
-    for eps in (0.0, 0.2):
-      fn = transform(lambda x: jfocal.softmax_focal_loss(x, labels, where=jnp.asarray(keep),
-                                                         gamma=1.5, label_smoothing=eps))
-      loss = fn(poisoned)
-      for row in range(4):
-        columns = keep[row]
-        target = (jax.nn.one_hot(ids[row], 5)[columns] if jnp.ndim(labels) == 1
-                  else labels[row][columns])[None]
-        expected = jfocal.softmax_focal_loss(x[row][columns][None], target, gamma=1.5,
-                                             label_smoothing=eps)
-        np.testing.assert_allclose(loss[row], expected[0], rtol=1e-12)
-      assert loss[4] == 0  # no class left: the row is masked
-      mean = jfocal.softmax_focal_loss(poisoned, labels, where=jnp.asarray(keep), gamma=1.5,
-                                       label_smoothing=eps, reduction="mean")
-      np.testing.assert_allclose(mean, np.sum(loss) / 4, rtol=1e-12)
-      grad = jax.grad(lambda x: jnp.sum(fn(x)))(poisoned)
-      assert np.all(np.asarray(grad)[~keep] == 0) and np.all(np.isfinite(grad))
+  settings = [(labels, eps) for labels in (ids, jax.nn.one_hot(ids, 5, dtype=jnp.float64))
+              for eps in (0.0, 0.2)]
+  kept = lambda labels, row: (jax.nn.one_hot(ids[row], 5)[keep[row]] if jnp.ndim(labels) == 1
+                              else labels[row][keep[row]])[None]
+  # Each row's kept classes as a softmax of their own: one program for every row and setting.
+  removed = jax.jit(lambda x: [[jfocal.softmax_focal_loss(
+      x[row][keep[row]][None], kept(labels, row), gamma=1.5, label_smoothing=eps)[0]
+      for row in range(4)] for labels, eps in settings])(x)
+  for (labels, eps), expected in zip(settings, removed):
+    fn = transform(lambda x: jfocal.softmax_focal_loss(x, labels, where=jnp.asarray(keep),
+                                                       gamma=1.5, label_smoothing=eps))
+    loss = fn(poisoned)
+    np.testing.assert_allclose(loss[:4], expected, rtol=1e-12)
+    assert loss[4] == 0  # no class left: the row is masked
+    mean = jfocal.softmax_focal_loss(poisoned, labels, where=jnp.asarray(keep), gamma=1.5,
+                                     label_smoothing=eps, reduction="mean")
+    np.testing.assert_allclose(mean, np.sum(loss) / 4, rtol=1e-12)
+    grad = jax.grad(lambda x: jnp.sum(fn(x)))(poisoned)
+    assert np.all(np.asarray(grad)[~keep] == 0) and np.all(np.isfinite(grad))
   # Dense targets: label gradients at masked classes are 0 as well.
   dense = jax.nn.one_hot(ids, 5, dtype=jnp.float64)
   label_grad = jax.grad(lambda y: jnp.sum(jfocal.softmax_cross_entropy(

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 NUM_CLASSES = 10
 # A source pixel with at least this much ink (of 1) belongs to the digit's box.
@@ -51,6 +49,10 @@ def split_digits(seed: int, validation_fraction: float = 0.3
 
   Images are ``(n, 8, 8)`` float32 in [0, 1].
   """
+  # Imported here: scikit-learn takes seconds to import, and only this function needs it.
+  from sklearn.datasets import load_digits
+  from sklearn.model_selection import train_test_split
+
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)
   labels = digits.target.astype(np.int32)

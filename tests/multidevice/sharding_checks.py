@@ -6,6 +6,7 @@ tests/test_multidevice.py runs it in its own pytest process with
 device.
 """
 
+import functools
 import re
 
 import flax.linen as nn
@@ -59,30 +60,32 @@ def collectives(compiled):
   return found
 
 
-@pytest.mark.parametrize("reduction, normalizer", REDUCTIONS)
-def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss, reduction, normalizer):
+def test_sharded_arrays_need_no_axis_name_and_move_only_scalars(loss):
   """jit over arrays sharded by image and anchor equals one device; only scalars are all-reduced."""
   fn, family = loss
   logits, ids = batch(family)
   mesh = jax.make_mesh((4, 2), ("images", "anchors"))
   sharded = jax.device_put((logits, ids), NamedSharding(mesh, P("images", "anchors")))
-  call = lambda x, y: fn(x, y, reduction=reduction, normalizer=normalizer)
-  summed = lambda x, y: jnp.sum(call(x, y))
 
-  # One device: the loss and its gradient in one program.
-  expected_loss, (expected, expected_grad) = jax.jit(
-      lambda x, y: (call(x, y), jax.value_and_grad(summed)(x, y)))(logits, ids)
-  # Compiled once, run and read.
-  step = jax.jit(jax.value_and_grad(summed)).lower(*sharded).compile()
-  loss_only = jax.jit(call).lower(*sharded).compile()
-  value, grad = step(*sharded)
-  assert_close(value, expected, jnp.float32)
-  assert_close(grad, expected_grad, jnp.float32)
-  assert grad.sharding.spec[:2] == ("images", "anchors"), "the gradient stays sharded"
-  assert_close(loss_only(*sharded), expected_loss, jnp.float32)
+  def losses_and_grads(x, y):  # every reduction's loss, and the gradient of its sum
+    calls = [lambda x, r=r, n=n: fn(x, y, reduction=r, normalizer=n) for r, n in REDUCTIONS]
+    return [(call(x), jax.value_and_grad(lambda x: jnp.sum(call(x)))(x)) for call in calls]
+
+  # One program on one device, one on the mesh (compiled, run and read), and the
+  # unreduced loss alone, which needs no collective unless the loss is not elementwise.
+  expected = jax.jit(losses_and_grads)(logits, ids)
+  step = jax.jit(losses_and_grads).lower(*sharded).compile()
+  unreduced = jax.jit(lambda x, y: fn(x, y)).lower(*sharded).compile()
+  for (reduction, _), (value, (total, grad)), (want, (want_total, want_grad)) in zip(
+      REDUCTIONS, step(*sharded), expected):
+    assert_close(value, want, jnp.float32, what=f"{reduction} loss")
+    assert_close(total, want_total, jnp.float32, what=f"sum of the {reduction} loss")
+    assert_close(grad, want_grad, jnp.float32, what=f"gradient of the {reduction} loss")
+    assert grad.sharding.spec[:2] == ("images", "anchors"), "the gradient stays sharded"
+  assert_close(unreduced(*sharded), expected[0][0], jnp.float32)
 
   # GHM-C sums its histogram whatever the reduction.
-  for compiled, reduces in ((loss_only, reduction != "none" or not fn.elementwise), (step, True)):
+  for compiled, reduces in ((unreduced, not fn.elementwise), (step, True)):
     ops = collectives(compiled)
     moving = [name for name, _ in ops if name in MOVING_COLLECTIVES]
     assert not moving, f"logits-sized data moves between devices: {moving}"
@@ -106,6 +109,15 @@ MAPPED_CASES = [pytest.param(p.values[0], *config, id=f"{p.id}-{'-'.join(map(str
                 if i < 2 or p.id in ONE_AXIS_LOSSES]
 
 
+@functools.cache
+def one_device(name, reduction, normalizer):
+  """The unreduced loss, and the reduced loss with its gradient, on one device (the same
+  for one mesh axis and two)."""
+  fn = registry.LOSSES[name]
+  summed = lambda x, y: jnp.sum(fn(x, y, reduction=reduction, normalizer=normalizer))
+  return jax.jit(lambda x, y: (fn(x, y), jax.value_and_grad(summed)(x, y)))(*batch(fn.family))
+
+
 @pytest.mark.parametrize("fn, reduction, normalizer, axes", MAPPED_CASES)
 def test_shard_map_with_axis_name_equals_one_device(fn, reduction, normalizer, axes):
   """Each device gets the global loss and its share of the global gradient."""
@@ -115,8 +127,7 @@ def test_shard_map_with_axis_name_equals_one_device(fn, reduction, normalizer, a
   spec = P(*axes) if len(axes) == 2 else P(axes[0])
   axis_name = axes if len(axes) == 2 else axes[0]
   summed = lambda x, y, **kw: jnp.sum(fn(x, y, reduction=reduction, normalizer=normalizer, **kw))
-  expected_loss, (expected, expected_grad) = jax.jit(
-      lambda x, y: (fn(x, y), jax.value_and_grad(summed)(x, y)))(logits, ids)
+  expected_loss, (expected, expected_grad) = one_device(fn.name, reduction, normalizer)
 
   if reduction == "none":  # nothing to reduce: the loss stays sharded like the logits
     per_device = lambda x, y: (fn(x, y, axis_name=axis_name),
