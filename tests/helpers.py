@@ -25,10 +25,15 @@ TOLERANCES = {
 }
 
 REFERENCE_DEVICE = jax.devices("cpu")[0]
-# A reference program runs once, on a few numbers: LLVM's optimisations would take
-# longer than they save. (XLA's graph passes still run; the results are IEEE float64.)
+# A reference program runs once, on a few numbers: LLVM's optimisations take longer than
+# they save (XLA's graph passes still run; the results are IEEE float64), and XLA's
+# elemental emitters compile about 3x faster than its default fusion emitters (the suite
+# uses them everywhere, see conftest.py; here also under JFOCAL_TEST_DEFAULT_COMPILER).
+# Only the oracle is compiled at -O0, which rounds differently from -O2: the
+# implementation under test gets the suite's settings, which give XLA's default bits.
 REFERENCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                              "xla_llvm_disable_expensive_passes": True}
+                              "xla_llvm_disable_expensive_passes": True,
+                              "xla_cpu_use_fusion_emitters": False}
 
 
 def assert_close(actual, expected, dtype, *, what="value", scale=1.0):
@@ -52,19 +57,16 @@ def assert_close(actual, expected, dtype, *, what="value", scale=1.0):
         f"{int(bad.sum())} of {bad.size} elements outside tolerance {tolerance}")
 
 
-def on_reference_device(fn, *, jit=False):
-  """Runs `fn` in float64 on the host CPU, whatever the default device is.
+def on_reference_device(fn):
+  """Runs `fn` in float64 on the host CPU, whatever the default device is, as one program.
 
-  Op by op (the default), each operation compiles once per shape, which pays off
-  when a test calls with few shapes; with ``jit=True`` the whole function is one
-  program, for tests that draw a new shape almost every call.
+  One cheaply compiled program (`REFERENCE_COMPILER_OPTIONS`) costs less than running
+  op by op, which compiles each operation once per shape.
   """
   def wrapped(*args, **kwargs):
     with jax.default_device(REFERENCE_DEVICE):
       args = [None if a is None else jnp.asarray(a).astype(jnp.float64) for a in args]
       call = functools.partial(fn, **kwargs)
-      if not jit:
-        return call(*args)
       return jax.jit(call).lower(*args).compile(REFERENCE_COMPILER_OPTIONS)(*args)
   return wrapped
 

@@ -27,7 +27,7 @@ from jfocal.engine import program
 
 PARAMS = registry.PARAMS
 # Parametrised over the twelve losses, each gets half of the profile's examples
-# (12 in CI, 250 in `make fuzz`).
+# (3 in CI, 250 in `make fuzz`).
 PER_LOSS = settings(max_examples=max(settings.default.max_examples // 2, 1))
 
 # Dense label forms: what a derivative with respect to the labels is taken of.
@@ -102,8 +102,7 @@ def test_value_and_gradients_match_float64_autodiff_of_the_reference(loss, data)
   argnums = (0, 1) if case.form in DENSE else (0,)
   textbook = lambda x, y: loss.reference(x, y, **params)
   reference = on_reference_device(
-      lambda x, y: (textbook(x, y), jax.grad(lambda x, y: jnp.sum(textbook(x, y)), argnums)(x, y)),
-      jit=True)
+      lambda x, y: (textbook(x, y), jax.grad(lambda x, y: jnp.sum(textbook(x, y)), argnums)(x, y)))
   expected_value, expected_grads = reference(case.x64, case.y64)
 
   @jax.jit
@@ -151,8 +150,7 @@ def test_label_derivatives_are_exact_at_targets_zero_and_one(loss):
   got = jax.jit(lambda x, y: [jax.grad(lambda y: jnp.sum(loss(x, y, **params)))(y)
                               for params in settings])(jnp.asarray(x), jnp.asarray(y))
   expected = on_reference_device(lambda x, y: [
-      jax.grad(lambda y: jnp.sum(loss.reference(x, y, **params)))(y) for params in settings],
-      jit=True)(x, y)
+      jax.grad(lambda y: jnp.sum(loss.reference(x, y, **params)))(y) for params in settings])(x, y)
   for setting, g, e in zip(_one_at_a_time(loss), got, expected):
     assert_close(g, e, jnp.float64, what=f"d/dlabels with {setting}")
 
@@ -188,7 +186,7 @@ def test_traced_hyper_parameters_jit_vmap_and_differentiate(loss, name):
   points = [jnp.asarray(value, jnp.float64) for value in values]
   got = jax.jit(lambda ps: [jax.grad(lambda p: jnp.sum(with_value(x, p)))(p) for p in ps])(points)
   expected = on_reference_device(lambda x, y, *ps: [jax.grad(lambda p: jnp.sum(
-      loss.reference(x, y, **options, **{name: p})))(p) for p in ps], jit=True)(x, y, *points)
+      loss.reference(x, y, **options, **{name: p})))(p) for p in ps])(x, y, *points)
   for value, g, e in zip(values, got, expected):
     assert_close(g, e, jnp.float64, what=f"d/d{name} at {value}")
 

@@ -333,7 +333,7 @@ def test_a_short_run_of_the_demo_detects_digits_far_above_chance(small_sets, tmp
   logits = jnp.asarray(rng.normal(0, 1, (len(validation), len(detector.anchors), 10)), jnp.float32)
   chance = evaluate(validation, Detections(*map(np.asarray, detector.postprocess(
       logits, jnp.zeros((*logits.shape[:2], 4))))))
-  rows = demo.main(["--steps", "120", "--losses", "focal", "--train-images", "600",
+  rows = demo.main(["--steps", "80", "--losses", "focal", "--train-images", "600",
                     "--val-images", "100", "--out", str(tmp_path), "--no-progress"])
   printed = capsys.readouterr().out
   assert "| loss | AP | AP50 | AP75 | final loss | wall time (s) |" in printed
