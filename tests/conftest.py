@@ -11,10 +11,11 @@ import os
 # program into 32 parts compiled in parallel. Its elemental emitters, in one part, compile
 # about twice as fast (measured on the losses' programs: 0.48 s -> 0.22 s for softmax CE
 # with its gradient, and 12% less again for one part on these 2 cores), and compiling small
-# programs is most of the suite's time. `test_compiler.py` checks that both settings give
-# every loss the same bits, so the suite uses the faster one. It is set before JAX starts
-# its CPU client, and so reaches the subprocesses and notebook kernels too; only for the
-# jaxlib series it was measured on (XLA aborts on a flag it does not know).
+# programs is most of the suite's time. The extreme-logit test of `test_references.py`
+# checks that both settings give every loss the same bits, so the suite uses the faster
+# one. It is set before JAX starts its CPU client, and so reaches the subprocesses and
+# notebook kernels too; only for the jaxlib series it was measured on (XLA aborts on a
+# flag it does not know).
 # JFOCAL_TEST_DEFAULT_COMPILER=1 runs the suite with XLA's defaults.
 XLA_DEFAULTS = {"xla_cpu_use_fusion_emitters": True,  # xla/debug_options_flags.cc
                 "xla_cpu_parallel_codegen_split_count": 32}

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from conftest import XLA_DEFAULTS
+
 FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 
 # One tolerance per dtype for every comparison against a float64 reference.
@@ -34,6 +36,12 @@ REFERENCE_DEVICE = jax.devices("cpu")[0]
 REFERENCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                               "xla_llvm_disable_expensive_passes": True,
                               "xla_cpu_use_fusion_emitters": False}
+
+
+def compiled_as_users_get_it(lowered):
+  """`lowered.compile()` with XLA's default CPU code generator rather than the suite's
+  faster one (`conftest.py`): for tests of the compiled program itself, its memory."""
+  return lowered.compile(XLA_DEFAULTS if jax.default_backend() == "cpu" else None)
 
 
 def assert_close(actual, expected, dtype, *, what="value", scale=1.0):

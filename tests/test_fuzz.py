@@ -9,7 +9,7 @@ masks, weights, the loss's hyper-parameters from the registry's grid (static,
 or traced as arrays), label smoothing, ignore_index, reductions and
 normalisers. The properties are stated once, in the docstring of each test.
 
-Under the default "ci" profile of `conftest.py` each test runs 12
+Under the default "ci" profile of `conftest.py` each test runs 6
 derandomised examples; its "fuzz" profile runs thousands of random ones
 (`make fuzz`).
 
