@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import XLA_DEFAULTS
+from conftest import SUITE_XLA_OPTIONS, XLA_DEFAULTS
 
 FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -28,14 +28,13 @@ TOLERANCES = {
 
 REFERENCE_DEVICE = jax.devices("cpu")[0]
 # A reference program runs once, on a few numbers: LLVM's optimisations take longer than
-# they save (XLA's graph passes still run; the results are IEEE float64), and XLA's
-# elemental emitters compile about 3x faster than its default fusion emitters (the suite
-# uses them everywhere, see conftest.py; here also under JFOCAL_TEST_DEFAULT_COMPILER).
-# Only the oracle is compiled at -O0, which rounds differently from -O2: the
-# implementation under test gets the suite's settings, which give XLA's default bits.
-REFERENCE_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
-                              "xla_llvm_disable_expensive_passes": True,
-                              "xla_cpu_use_fusion_emitters": False}
+# they save (XLA's graph passes still run; the results are IEEE float64). On top of the
+# suite's faster CPU settings (conftest.py), kept here also under
+# JFOCAL_TEST_DEFAULT_COMPILER. Only the oracle is compiled at -O0, which rounds
+# differently from -O2: the implementation under test gets the suite's settings, which
+# give XLA's default bits.
+REFERENCE_COMPILER_OPTIONS = {**SUITE_XLA_OPTIONS, "xla_backend_optimization_level": 0,
+                              "xla_llvm_disable_expensive_passes": True}
 
 
 def compiled_as_users_get_it(lowered):

@@ -260,9 +260,9 @@ def test_value_and_grad_keeps_at_most_one_logits_sized_temporary(labels, gamma, 
     pytest.skip("the fused layout is specific to XLA on the CPU")
   x = jnp.zeros((4096, 80), jnp.float32)
   y = jnp.zeros_like(x) if labels == "float" else jnp.zeros((4096,), jnp.int32)
-  step = jax.jit(jax.value_and_grad(lambda x, y: jfocal.sigmoid_focal_loss(
+  lowered = jax.jit(jax.value_and_grad(lambda x, y: jfocal.sigmoid_focal_loss(
       x, y, gamma=gamma, reduction="mean"))).lower(x, y)
-  step = compiled_as_users_get_it(step)
+  step = compiled_as_users_get_it(lowered)
   assert step.memory_analysis().temp_size_in_bytes <= (temporaries + 0.05) * x.nbytes
 
 

@@ -171,14 +171,18 @@ def scalar(value: Any, name: str) -> jax.Array:
   return array
 
 
-def parameter(value: Any, name: str) -> float | jax.Array:
-  """A hyper-parameter as a core takes it: a static Python float, or a traced scalar array.
+def is_traced(value: Any) -> bool:
+  """Whether a hyper-parameter is traced: a JAX or NumPy array (as under a caller's
+  `jax.jit`, where both are tracers). Python and NumPy scalar numbers are static and
+  specialise the program."""
+  return isinstance(value, (jax.Array, np.ndarray))
 
-  Python numbers (and NumPy scalars) stay static and specialise the program;
-  JAX arrays and tracers are traced. Bounds are checked by `program` before
-  tracing, where values are concrete.
+
+def parameter(value: Any, name: str) -> float | jax.Array:
+  """A hyper-parameter as a core takes it: a static Python float, or a traced scalar array
+  (`is_traced`). Bounds are checked by `program` before tracing, where values are concrete.
   """
-  if isinstance(value, jax.Array):
+  if is_traced(value):
     array = scalar(value, name)
     return array if jnp.issubdtype(array.dtype, jnp.floating) else array.astype(float)
   return static_number(value, name)

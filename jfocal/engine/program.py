@@ -10,9 +10,9 @@ and decorated with `program`. The decorator
   program and key its cache (``reduction``, ``ignore_index``,
   ``label_smoothing``, ``axis``, ``axis_name``, a string ``normalizer``, the
   names in ``static``, and the names in ``specialising`` when they are Python
-  or NumPy scalar numbers), and *traced* ones (JAX and NumPy arrays, as they
-  are under a caller's `jax.jit`, and every other number), whose new values
-  never recompile;
+  or NumPy scalar numbers), and *traced* ones (JAX and NumPy arrays, as under a
+  caller's `jax.jit`: `checks.is_traced`; and every other number), whose new
+  values never recompile;
 - checks the concrete values of the options in ``bounds`` (for an array,
   every entry), which under `jax.jit` would be tracers;
 - runs the body as one `jax.jit` program, also when called eagerly. Eagerly,
@@ -33,7 +33,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import jax
-import numpy as np
 
 from jfocal.engine import checks
 
@@ -89,7 +88,7 @@ def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = 
         elif name in static_names or (name == "normalizer" and (value is None
                                                                 or isinstance(value, str))):
           static_items.append((name, checks.static_option(value, name)))
-        elif name in specialising and not isinstance(value, (jax.Array, np.ndarray)):
+        elif name in specialising and not checks.is_traced(value):
           bound = bounds.get(name, checks.FINITE)
           static_items.append((name, checks.static_number(value, name, bound)))
         else:
