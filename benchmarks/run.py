@@ -15,7 +15,8 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
            gather, pow) | floor
   registry one case (--extended-size) of every loss of tests/registry.py against its
            textbook formula (tests/references.py) at the same dtype and against the
-           sigmoid focal loss, and a detector's call against the same loss with optax
+           sigmoid focal loss, a detector's call against the same loss with optax, and
+           softmax CE with PaLM's z-loss against the textbook CE plus z lse**2
 The floor kernel reads the same inputs and writes one logits-shaped array with one
 exp and one log1p per element: the least a value-and-grad can read, write and
 compute. Softmax with C=1 is skipped: its loss is identically zero. All losses are summed, gradients are taken with respect to the logits.
@@ -42,6 +43,7 @@ import jfocal
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+import references as ref  # noqa: E402  (the textbook formulas of tests/references.py)
 import registry  # noqa: E402  (the test registry: every loss, its parameters and reference)
 ALPHA, GAMMA = 0.25, 2.0
 
@@ -86,6 +88,9 @@ FAMILIES: dict[str, dict[str, Callable]] = {
 
 
 DETECTOR = "sigmoid_focal_loss, detector ids (naive: optax)"
+Z_LOSS = "softmax_cross_entropy, z_loss=1e-4"
+# The family of the cases beyond the registry's losses.
+EXTRA_FAMILIES = {DETECTOR: "sigmoid", Z_LOSS: "softmax"}
 
 
 def _optax_detector_loss(x, ids):
@@ -116,6 +121,11 @@ def registry_losses(classes: int) -> dict[str, tuple[Callable, Callable]]:
     cases[entry.name] = (ours, naive)
   # A detector's call: class ids with background C and ignored anchors -1, the mean
   # over the positives; its peer is the same loss written with optax.
+  # PaLM's z-loss on the softmax cross-entropy; its peer adds z lse**2 to the textbook CE.
+  cases[Z_LOSS] = (
+      lambda x, ids: jfocal.softmax_cross_entropy(x, ids, z_loss=1e-4, reduction="sum"),
+      lambda x, ids: jnp.sum(ref.softmax_focal(x, jax.nn.one_hot(ids, x.shape[-1], dtype=x.dtype))
+                             + 1e-4 * ref.log_sum_exp(x) ** 2))
   cases[DETECTOR] = (
       lambda x, ids: jfocal.sigmoid_focal_loss(x, ids, alpha=ALPHA, gamma=GAMMA,
                                                ignore_index=-1, reduction="mean",
@@ -197,7 +207,7 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
                                       np.where(kind < 0.11, -1, classes)), jnp.int32)
   candidates = {}
   for name, (ours, naive) in registry_losses(classes).items():
-    family = registry.LOSSES[name].family if name in registry.LOSSES else "sigmoid"
+    family = registry.LOSSES[name].family if name in registry.LOSSES else EXTRA_FAMILIES[name]
     labels = ids if family == "softmax" else y
     labels = detector_ids if name == DETECTOR else labels
     candidates[(f"jfocal {name}", "value_and_grad")] = (jax.value_and_grad(ours), labels)

@@ -46,12 +46,6 @@ def _parts(x: jax.Array, beta: jax.Array, gamma: Parameter):
   return a, b, positive, negative
 
 
-def _mix(y: jax.Array, positive: jax.Array, negative: jax.Array) -> jax.Array:
-  # A target without mass on a side adds 0 there, even where that side is +inf.
-  return (jnp.where(y == 0, 0, y * positive)
-          + jnp.where(y == 1, 0, (1 - y) * negative))
-
-
 def _entropy(t: jax.Array) -> jax.Array:
   """``H(t) = t sigma(-t) + softplus(-t)``, symmetric in ``t`` and bounded by log 2."""
   z = jnp.abs(t)
@@ -64,7 +58,7 @@ def focal_star_term(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Arr
                     gamma: jax.Array, static_gamma: float | None) -> jax.Array:
   """``factor [y softplus(-(gamma x + beta)) + (1 - y) softplus(gamma x - beta)] / gamma``."""
   _, _, positive, negative = _parts(x, beta, numerics.pick(gamma, static_gamma))
-  return numerics.fence(factor * _mix(y, positive, negative))
+  return numerics.fence(factor * sigmoid.mix(y, positive, negative))
 
 
 @functools.partial(focal_star_term.defjvp, symbolic_zeros=True)
@@ -83,7 +77,7 @@ def _focal_star_term_jvp(static_gamma, primals, tangents):
   if not isinstance(y_dot, SymbolicZero):
     tangent = tangent + factor * (positive - negative) * y_dot
   if not isinstance(factor_dot, SymbolicZero):
-    tangent = tangent + _mix(y, positive, negative) * factor_dot
+    tangent = tangent + sigmoid.mix(y, positive, negative) * factor_dot
   if not isinstance(beta_dot, SymbolicZero):
     tangent = tangent - factor * (pull_up + push_down) / gamma * beta_dot
   if not isinstance(gamma_dot, SymbolicZero):

@@ -199,8 +199,9 @@ def poly1_focal_loss(logits: ArrayLike, labels: ArrayLike, *, epsilon: ArrayLike
 def poly1_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, epsilon: ArrayLike = 1.0,
                         axis: int | tuple[int, ...] = -1, weights: ArrayLike | None = None,
                         where: ArrayLike | None = None, ignore_index: int | None = None,
-                        label_smoothing: float = 0.0, reduction: Reduction = "none",
-                        normalizer: Normalizer = None, axis_name: AxisName = None) -> jax.Array:
+                        label_smoothing: float = 0.0, z_loss: Parameter = 0.0,
+                        reduction: Reduction = "none", normalizer: Normalizer = None,
+                        axis_name: AxisName = None) -> jax.Array:
   r"""Poly-1 cross-entropy: softmax cross-entropy plus a first polynomial term.
 
   With :math:`p = \mathrm{softmax}(x)`,
@@ -230,6 +231,10 @@ def poly1_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, epsilon: ArrayL
       (lower rank); see :func:`jfocal.softmax_focal_loss`.
     ignore_index: class ids equal to it are masked like ``where``.
     label_smoothing: ``eps`` in [0, 1]: targets become ``(1 - eps) y + eps / K``.
+    z_loss: coefficient >= 0 of the z-loss, ``z_loss * logsumexp(logits)**2``
+      added to each example's loss (PaLM's 1e-4 keeps the log-normaliser near
+      0); 0 (default) adds nothing. A Python number specialises the program, an
+      array is traced.
     reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
     normalizer: with ``reduction="mean"``: a number or scalar array dividing
       the sum, or ``"num_positives"``.
@@ -254,6 +259,6 @@ def poly1_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, epsilon: ArrayL
   inputs = softmax.prepare(logits, labels, axis=axis, weights=weights, where=where,
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
   epsilon = checks.scalar(epsilon, "epsilon").astype(inputs.dtype)
-  loss = softmax.example_loss(inputs, lambda n: poly1_softmax_term(n, epsilon))
+  loss = softmax.example_loss(inputs, lambda n: poly1_softmax_term(n, epsilon), z_loss=z_loss)
   return softmax.reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)

@@ -101,8 +101,8 @@ def softmax_focal_loss(logits: ArrayLike, labels: ArrayLike, *, alpha: ArrayLike
                        gamma: Parameter = 2.0, axis: int | tuple[int, ...] = -1,
                        weights: ArrayLike | None = None, where: ArrayLike | None = None,
                        ignore_index: int | None = None, label_smoothing: float = 0.0,
-                       reduction: Reduction = "none", normalizer: Normalizer = None,
-                       axis_name: AxisName = None) -> jax.Array:
+                       z_loss: Parameter = 0.0, reduction: Reduction = "none",
+                       normalizer: Normalizer = None, axis_name: AxisName = None) -> jax.Array:
   r"""Softmax focal loss over mutually exclusive classes.
 
   With :math:`p = \mathrm{softmax}(x)`,
@@ -141,6 +141,10 @@ def softmax_focal_loss(logits: ArrayLike, labels: ArrayLike, *, alpha: ArrayLike
     ignore_index: class ids equal to it are masked like ``where``.
     label_smoothing: ``eps`` in [0, 1]: targets become ``(1 - eps) y + eps / K``,
       ``K`` the number of (unmasked) classes.
+    z_loss: coefficient >= 0 of the z-loss, ``z_loss * logsumexp(logits)**2``
+      added to each example's loss (PaLM's 1e-4 keeps the log-normaliser near
+      0); 0 (default) adds nothing. A Python number specialises the program, an
+      array is traced.
     reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
     normalizer: with ``reduction="mean"``: a number or scalar array dividing
       the sum instead of the count of unmasked examples, or
@@ -169,7 +173,7 @@ def softmax_focal_loss(logits: ArrayLike, labels: ArrayLike, *, alpha: ArrayLike
                            ignore_index=ignore_index, label_smoothing=label_smoothing)
   gamma_array, static_gamma = numerics.split(checks.parameter(gamma, "gamma"), inputs.dtype)
   loss = softmax.example_loss(inputs, lambda n: focal_term(n, gamma_array, static_gamma),
-                              alpha=alpha)
+                              alpha=alpha, z_loss=z_loss)
   return softmax.reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
 
@@ -180,8 +184,8 @@ def softmax_balanced_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, alph
                                    weights: ArrayLike | None = None,
                                    where: ArrayLike | None = None,
                                    ignore_index: int | None = None,
-                                   label_smoothing: float = 0.0, reduction: Reduction = "none",
-                                   normalizer: Normalizer = None,
+                                   label_smoothing: float = 0.0, z_loss: Parameter = 0.0,
+                                   reduction: Reduction = "none", normalizer: Normalizer = None,
                                    axis_name: AxisName = None) -> jax.Array:
   r"""Class-weighted (alpha-balanced) softmax cross-entropy.
 
@@ -204,6 +208,10 @@ def softmax_balanced_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, alph
       (lower rank); see :func:`jfocal.softmax_focal_loss`.
     ignore_index: class ids equal to it are masked like ``where``.
     label_smoothing: ``eps`` in [0, 1]: targets become ``(1 - eps) y + eps / K``.
+    z_loss: coefficient >= 0 of the z-loss, ``z_loss * logsumexp(logits)**2``
+      added to each example's loss (PaLM's 1e-4 keeps the log-normaliser near
+      0); 0 (default) adds nothing. A Python number specialises the program, an
+      array is traced.
     reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
     normalizer: with ``reduction="mean"``: a number or scalar array dividing
       the sum, or ``"num_positives"``.
@@ -228,7 +236,7 @@ def softmax_balanced_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, alph
   """
   return softmax_focal_loss(logits, labels, alpha=alpha, gamma=0.0, axis=axis, weights=weights,
                             where=where, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction=reduction,
+                            label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
                             normalizer=normalizer, axis_name=axis_name)
 
 
@@ -236,8 +244,9 @@ def softmax_balanced_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, alph
 def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *,
                           axis: int | tuple[int, ...] = -1, weights: ArrayLike | None = None,
                           where: ArrayLike | None = None, ignore_index: int | None = None,
-                          label_smoothing: float = 0.0, reduction: Reduction = "none",
-                          normalizer: Normalizer = None, axis_name: AxisName = None) -> jax.Array:
+                          label_smoothing: float = 0.0, z_loss: Parameter = 0.0,
+                          reduction: Reduction = "none", normalizer: Normalizer = None,
+                          axis_name: AxisName = None) -> jax.Array:
   r"""Softmax cross-entropy over mutually exclusive classes.
 
   .. math::
@@ -263,6 +272,10 @@ def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *,
     ignore_index: class ids equal to it are masked like ``where`` (PyTorch's
       default is -100).
     label_smoothing: ``eps`` in [0, 1]: targets become ``(1 - eps) y + eps / K``.
+    z_loss: coefficient >= 0 of the z-loss, ``z_loss * logsumexp(logits)**2``
+      added to each example's loss (PaLM's 1e-4 keeps the log-normaliser near
+      0); 0 (default) adds nothing. A Python number specialises the program, an
+      array is traced.
     reduction: ``"none"`` (default), ``"sum"`` or ``"mean"``.
     normalizer: with ``reduction="mean"``: a number or scalar array dividing
       the sum, or ``"num_positives"``.
@@ -287,5 +300,5 @@ def softmax_cross_entropy(logits: ArrayLike, labels: ArrayLike, *,
   """
   return softmax_focal_loss(logits, labels, alpha=None, gamma=0.0, axis=axis, weights=weights,
                             where=where, ignore_index=ignore_index,
-                            label_smoothing=label_smoothing, reduction=reduction,
+                            label_smoothing=label_smoothing, z_loss=z_loss, reduction=reduction,
                             normalizer=normalizer, axis_name=axis_name)

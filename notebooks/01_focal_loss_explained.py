@@ -205,7 +205,13 @@ print("one-hot (optax):     ",
 #   only negatives focused;
 # - **GHM-C** (Li et al., AAAI 2019): cross-entropy re-weighted by the inverse density of the
 #   gradient norm $|\sigma(x) - y|$ in the batch. Here the batch is mostly easy examples, so
-#   easy ones are down-weighted and the rare hard ones up-weighted.
+#   easy ones are down-weighted and the rare hard ones up-weighted;
+# - **asymmetric loss** (ASL, Ridnik et al., ICCV 2021), for multi-label data where negatives
+#   dominate: a mild $\gamma_+$ for positives, a strong $\gamma_-$ for negatives, and negatives
+#   whose probability is below the clip $m$ discarded ($p_t \ge 1 - m$ costs exactly 0);
+# - **logit-adjusted CE** (Menon et al., ICLR 2021), for long-tailed classes: the softmax sees
+#   $x + \tau \log \pi$, so an example of a rare class (prior 0.1 here) keeps a loss until its
+#   raw probability clears a margin, and one of a frequent class (0.9) is let go earlier.
 
 # %%
 probe_p = jnp.linspace(0.005, 0.995, 400)
@@ -215,6 +221,8 @@ ones = jnp.ones_like(probe_x)
 easy_p = jax.random.beta(jax.random.key(2), 8.0, 1.0, (2000,)).clip(1e-4, 1 - 1e-4)
 batch_x = jnp.concatenate([jnp.log(easy_p) - jnp.log1p(-easy_p), probe_x])
 ghm, _ = jfocal.ghmc_loss(batch_x, jnp.ones_like(batch_x), bins=10)
+# Two classes with raw probability p_t for the true class 0.
+two_class_x = jnp.stack([probe_x, jnp.zeros_like(probe_x)], axis=-1)
 panels = {
     "FL*": [(jfocal.sigmoid_focal_loss_star(probe_x, ones, alpha=None, gamma=g, beta=b),
              f"γ={g:g}, β={b:g}") for g, b in ((2.0, 1.0), (4.0, 0.0))],
@@ -226,8 +234,17 @@ panels = {
                   for q in (1.0, 0.6)]
                  + [(jfocal.varifocal_loss(-probe_x, 0 * ones), "negative (p = 1 − p_t)")],
     "GHM-C, 10 bins": [(ghm[2000:], "β · CE in a batch of easy examples")],
+    "asymmetric (ASL)": [(jfocal.asymmetric_loss(probe_x, ones), "positive, γ+=1"),
+                         (jfocal.asymmetric_loss(-probe_x, 0 * ones),
+                          "negative, γ−=4, clip 0.05")],
+    "logit-adjusted CE, τ=1": [
+        (jfocal.logit_adjusted_cross_entropy(two_class_x, jnp.full(probe_x.shape, 0),
+                                             class_priors=priors), f"class of prior {priors[0]:g}")
+        for priors in (jnp.array([0.1, 0.9]), jnp.array([0.9, 0.1]))],
 }
-fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.6), sharey=True)
+fig, axes = plt.subplots(2, 4, figsize=(16.0, 7.4), sharey=True)
+axes = axes.ravel()
+axes[-1].set_axis_off()
 for ax, (title, curves) in zip(axes, panels.items()):
   ax.plot(probe_p, jfocal.sigmoid_cross_entropy(probe_x, ones), color="0.75", lw=1, label="CE")
   ax.plot(probe_p, focal(probe_x, ones, 2.0), color="0.3", ls="--", lw=1.5, label="focal γ=2")
@@ -236,6 +253,7 @@ for ax, (title, curves) in zip(axes, panels.items()):
   ax.set(title=title, xlabel="$p_t$", ylim=(0, 5))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
-axes[0].set_ylabel("loss")
+for ax in axes[::4]:
+  ax.set_ylabel("loss")
 fig.tight_layout()
 plt.show()

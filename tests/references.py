@@ -136,6 +136,31 @@ def ghmc_mmdetection(x, y, valid, bins, momentum, acc_sum, g=None):
   return weights, np.sum(weights * cross_entropy) / total, acc_sum
 
 
+def asymmetric(x, y, gamma_pos=1.0, gamma_neg=4.0, clip=0.05, detach_focusing=False):
+  """Ridnik et al. 2021, eq. 3-5 with the authors' soft-target form: p_m = max(p - clip, 0),
+  p_t = y p + (1 - y)(1 - p_m),
+  ASL = -(1 - p_t)^(g+ y + g- (1 - y)) [y log p + (1 - y) log(1 - p_m)]."""
+  p = _sigmoid(x)
+  p_m = jnp.maximum(p - clip, 0.0)
+  p_t = y * p + (1 - y) * (1 - p_m)
+  weight = (1 - p_t) ** (gamma_pos * y + gamma_neg * (1 - y))
+  if detach_focusing:
+    weight = jax.lax.stop_gradient(weight)
+  return -weight * (y * jnp.log(p) + (1 - y) * jnp.log(1 - p_m))
+
+
+def asymmetric_authors_code(x, y, gamma_pos, gamma_neg, clip, eps=1e-8):
+  """The authors' AsymmetricLoss.forward (and timm's AsymmetricLossMultiLabel) in numpy:
+  the shifted negative probability min(1 - p + clip, 1), logarithms clamped at eps, the
+  negated sum."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  p = 1 / (1 + np.exp(-x))
+  p_negative = np.minimum(1 - p + clip, 1.0) if clip > 0 else 1 - p
+  log_likelihood = y * np.log(np.maximum(p, eps)) + (1 - y) * np.log(np.maximum(p_negative, eps))
+  p_t = p * y + p_negative * (1 - y)
+  return -np.sum(log_likelihood * (1 - p_t) ** (gamma_pos * y + gamma_neg * (1 - y)))
+
+
 def softmax(x):
   p = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
   return p / jnp.sum(p, axis=-1, keepdims=True)
@@ -183,3 +208,24 @@ def binary_focal_with_pos_weight(x, y, alpha, gamma, pos_weight):
   p = _sigmoid(x)
   return (-alpha * pos_weight * (1 - p) ** gamma * y * jnp.log(p)
           - (1 - alpha) * p ** gamma * (1 - y) * jnp.log(1 - p))
+
+
+def log_sum_exp(x):
+  """log sum_c exp(x_c), the softmax's log-normaliser."""
+  top = jnp.max(x, axis=-1)
+  return top + jnp.log(jnp.sum(jnp.exp(x - top[..., None]), axis=-1))
+
+
+def logit_adjusted(x, y, class_priors, tau=1.0):
+  """Menon et al. 2021, eq. 11: the softmax cross-entropy of x + tau log(pi)."""
+  return softmax_focal(x + tau * jnp.log(class_priors), y)
+
+
+def cross_entropy_with_z_loss_t5x(x, ids, z_loss):
+  """T5X's cross_entropy_with_logits (of the one-hot targets) in numpy: -sum y log_softmax +
+  z_loss log(Z)**2, log Z the logsumexp of the logits."""
+  x = np.asarray(x, np.float64)
+  log_z = np.log(np.sum(np.exp(x - x.max(-1, keepdims=True)), -1)) + x.max(-1)
+  log_softmax = x - log_z[..., None]
+  targets = np.arange(x.shape[-1]) == np.asarray(ids)[..., None]
+  return -np.sum(targets * log_softmax, -1) + z_loss * log_z ** 2

@@ -26,12 +26,18 @@ import references as ref
 # Keywords of the engine that every loss of a family may take; the rest of a
 # signature is the loss's own hyper-parameters.
 COMMON = frozenset({"weights", "where", "ignore_index", "label_smoothing", "reduction",
-                    "normalizer", "axis_name", "axis", "pos_weight"})
+                    "normalizer", "axis_name", "axis", "pos_weight", "z_loss"})
 
 
 def per_class(num_classes: int) -> np.ndarray:
   """A per-class vector for alpha: distinct weights in (0, 1)."""
   return np.linspace(0.2, 0.9, num_classes)
+
+
+def long_tail(num_classes: int) -> np.ndarray:
+  """Class priors of a long-tailed (Zipf) label distribution: class c has weight 1 / (c + 1)."""
+  priors = 1 / np.arange(1, num_classes + 1)
+  return priors / priors.sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +118,15 @@ LOSSES: dict[str, Loss] = {entry.name: entry for entry in [
          traced=("alpha", "gamma"), labels=("ids", "dense", "pairs"),
          # The loss jumps at q = 0 (the negative branch is another function).
          label_derivative=False),
+    Loss("asymmetric_loss", "sigmoid", ref.asymmetric,
+         {"gamma_pos": 1.0, "gamma_neg": 4.0, "clip": 0.05, "detach_focusing": False},
+         # gamma_neg in (0, 1) is left out: the textbook's pow has a NaN derivative at p_m = 0.
+         grid={"gamma_pos": (1.0, 0.0, 0.5, 2.0), "gamma_neg": (4.0, 0.0, 1.0, 2.5),
+               "clip": (0.05, 0.0, 0.2), "detach_focusing": (False, True)},
+         traced=("gamma_pos", "gamma_neg", "clip")),
+    Loss("logit_adjusted_cross_entropy", "softmax", ref.logit_adjusted,
+         {"class_priors": long_tail, "tau": 1.0},
+         grid={"tau": (1.0, 0.0, 2.0, -0.5)}, traced=("class_priors", "tau")),
     Loss("ghmc_loss", "sigmoid", ref.ghmc, {"bins": 5, "momentum": 0.5, "state": None},
          grid={"bins": (10, 1, 3, 30), "momentum": (0.0, 0.75)}, traced=("momentum",),
          elementwise=False, stateful=True,

@@ -61,6 +61,13 @@ BAD = {
     "quality score above 1": (jfocal.quality_focal_loss, (jnp.array([0, 1, 4]),
                                                           jnp.array([0.5, 1.5, 0.2])), {},
                               "scores", "[1]", "1.5"),
+    "traced negative z_loss": (jfocal.poly1_cross_entropy, jnp.array([0, 1, 2]),
+                               {"z_loss": jnp.array(-1e-4)}, "z_loss", "[]", "-0.0001"),
+    "traced ASL clip above 1": (jfocal.asymmetric_loss, jnp.array([0, 1, 4]),
+                                {"clip": jnp.array(1.5)}, "clip", "[]", "1.5"),
+    "traced zero class prior": (jfocal.logit_adjusted_cross_entropy, jnp.array([0, 1, 2]),
+                                {"class_priors": jnp.array([0.5, 0.0, 0.3, 0.2])},
+                                "class_priors", "[1]", "0"),
     "per-logit mask keeps a bad id's row": (
         jfocal.softmax_cross_entropy, jnp.array([0, 7, 1]),
         {"where": jnp.ones((3, 4), bool).at[0].set(False)}, "labels", "[1]", "7"),
@@ -73,8 +80,8 @@ def test_bad_values_raise_naming_argument_index_and_value(case, transform):
   loss, labels, options, name, index, value = BAD[case]
   if transform == "vmap" and options.get("reduction") == "mean":
     pytest.skip("a reduced loss has no batch axis to map over here")
-  if name in ("alpha", "gamma", "pos_weight") and transform != "jit":
-    pytest.skip("a concrete alpha is rejected at trace time already (test_validation)")
+  if name not in ("labels", "scores", "weights", "normalizer") and transform != "jit":
+    pytest.skip("a concrete hyper-parameter is rejected at trace time already (test_validation)")
   fn = TRANSFORMS[transform](jfocal.checked(loss))
   with pytest.raises(Exception) as info:
     jax.block_until_ready(fn(X, labels, **options))

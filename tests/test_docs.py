@@ -78,6 +78,7 @@ def test_every_loss_takes_its_familys_common_keywords(name):
   # IoU targets would all become positive with label smoothing.
   assert ("label_smoothing" in keywords) == (name not in ("quality_focal_loss", "varifocal_loss"))
   assert ("axis" in keywords) == (family == "softmax")
+  assert ("z_loss" in keywords) == (family == "softmax")
   if family == "softmax":
     assert "pos_weight" not in keywords
 

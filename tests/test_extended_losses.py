@@ -369,3 +369,149 @@ def test_static_options_refuse_tracers_and_say_how_to_fix_it():
   for name, fn in static.items():
     with pytest.raises(TypeError, match=f"{name} must be a static Python value"):
       jax.jit(fn)(x, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Asymmetric loss, logit-adjusted cross-entropy and the z-loss
+
+
+@functools.partial(jax.jit, static_argnames="gamma")
+def _asymmetric_and_core(x, y, gamma):
+  """ASL without the clip and with one gamma, beside the loss it is: CE (gamma = 0) or focal."""
+  asymmetric = lambda x: jfocal.asymmetric_loss(x, y, gamma_pos=gamma, gamma_neg=gamma, clip=0.0)
+  core = lambda x: jfocal.sigmoid_focal_loss(x, y, alpha=None, gamma=gamma)
+  return with_grad(asymmetric, x), with_grad(core, x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@given(x=S.logits((4, 3), 1e4), y=S.probabilities((4, 3)) | S.hard_labels((4, 3)),
+       gamma=st.sampled_from([0.0, 0.5, 2.0]))
+def test_asymmetric_loss_without_clip_and_asymmetry_is_focal_loss_and_cross_entropy(
+    dtype, x, y, gamma):
+  (value, grad), (core_value, core_grad) = _asymmetric_and_core(
+      jnp.asarray(x, dtype), jnp.asarray(y, dtype), gamma)
+  assert_close(value, core_value, dtype, what=f"ASL with gamma {gamma}, clip 0")
+  assert_close(grad, core_grad, dtype, what="its gradient", scale=1 + float(np.abs(x).max()))
+
+
+@pytest.mark.parametrize("params", [
+    dict(gamma_pos=1.0, gamma_neg=4.0, clip=0.05),   # the authors' and timm's defaults
+    dict(gamma_pos=0.0, gamma_neg=2.0, clip=0.2),
+    dict(gamma_pos=0.5, gamma_neg=1.5, clip=0.0)])
+def test_asymmetric_loss_agrees_with_the_authors_code(params):
+  """The authors' forward (timm's AsymmetricLossMultiLabel) on multi-label 0/1 targets:
+  its negated sum; its eps clamp never acts at these logits."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(6, 9)) * 4
+  y = (rng.uniform(size=(6, 9)) < 0.3).astype(np.float64)
+  ours = jfocal.asymmetric_loss(x, y.astype(np.int32), **params, reduction="sum")
+  assert_close(ours, ref.asymmetric_authors_code(x, y, **params), jnp.float64,
+               what="sum vs the authors' code")
+
+
+def test_asymmetric_probability_shift_discards_easy_negatives_and_has_the_papers_gradient():
+  """Negatives with p <= clip cost exactly 0 with exactly zero gradient (the hard
+  threshold); above it, the gradient is the paper's
+  dL-/dx = p (1 - p) p_m**g [1 / (1 - p_m) - g log(1 - p_m) / p_m], here in float64 from
+  log1p at logits up to 30, and positives keep the focal gradient of gamma_pos."""
+  clip, gamma_neg, gamma_pos = 0.05, 4.0, 1.0
+  easy = np.log(clip / (1 - clip)) - np.array([1e-9, 1e-6, 1.0, 1e4])  # p < clip
+  hard = np.array([-2.9, -1.0, 0.0, 3.0, 30.0])
+  x = np.concatenate([easy, hard])
+  value, grad = with_grad(lambda x: jfocal.asymmetric_loss(
+      x, np.zeros(x.shape, np.int32), gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip), x)
+  assert (np.asarray(value[:4]) == 0).all() and (np.asarray(grad[:4]) == 0).all()
+  p = 1 / (1 + np.exp(-hard))
+  p_m = p - clip
+  log1m = np.log1p(-p_m)
+  paper = p * (1 - p) * p_m ** gamma_neg * (1 / (1 - p_m) - gamma_neg * log1m / p_m)
+  assert_close(grad[4:], paper, jnp.float64, what="negatives' gradient vs the paper")
+  positive = with_grad(lambda x: jfocal.asymmetric_loss(
+      x, np.ones(x.shape, np.int32), gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip), hard)
+  assert_close(positive[1], ref.sigmoid_focal_grad_paper(hard, np.ones(5), None, gamma_pos),
+               jnp.float64, what="positives' gradient vs the focal paper")
+
+
+def test_asymmetric_loss_detached_focusing_weights_the_cross_entropy_gradient():
+  """detach_focusing: the same loss; its gradient is the weight (1 - p_t)**g times the
+  gradient of the shifted cross-entropy, in the logits and in soft targets."""
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(5, 4)) * 3
+  y = rng.uniform(size=(5, 4))
+  call = lambda detach: lambda x, y: jfocal.asymmetric_loss(
+      x, y, gamma_pos=2.0, gamma_neg=3.0, clip=0.1, detach_focusing=detach)
+  total = lambda fn: lambda x, y: jnp.sum(fn(x, y))
+  exact, detached = call(False), call(True)
+  assert_close(detached(x, y), exact(x, y), jnp.float64, what="the value")
+  p = 1 / (1 + np.exp(-x))
+  p_m = np.maximum(p - 0.1, 0)
+  weight = (y * (1 - p) + (1 - y) * p_m) ** (2.0 * y + 3.0 * (1 - y))
+  d_dx = weight * (-y * (1 - p) + (1 - y) * np.where(p > 0.1, p * (1 - p) / (1 - p_m), 0))
+  d_dy = weight * (np.log1p(np.exp(-x)) + np.log1p(-p_m))
+  got_dx, got_dy = jax.grad(total(detached), (0, 1))(x, y)
+  assert_close(got_dx, d_dx, jnp.float64, what="detached d/dx")
+  assert_close(got_dy, d_dy, jnp.float64, what="detached d/dy")
+  assert not np.allclose(jax.grad(total(exact))(x, y), got_dx)
+
+
+def test_logit_adjusted_cross_entropy_reduces_to_cross_entropy():
+  """tau = 0 and uniform priors are the cross-entropy; counts and their frequencies give
+  the same loss; otherwise it is the cross-entropy of logits + tau log(priors), also with
+  label smoothing, a per-logit mask and a tuple of class axes; the z-loss is of those
+  adjusted logits."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(4, 2, 3)) * 3)
+  ids = jnp.asarray(rng.integers(0, 6, size=(4,)))
+  counts = jnp.asarray([500, 200, 100, 50, 20, 5])
+  priors = jfocal.class_priors_from_counts(counts)
+  mask = jnp.asarray(rng.uniform(size=(4, 2, 3)) < 0.8).at[:, 0, 0].set(True)
+  options = dict(axis=(1, 2), label_smoothing=0.1, where=mask)
+  adjusted = lambda **kw: jfocal.logit_adjusted_cross_entropy(x, ids, **options, **kw)
+  plain = lambda x, **kw: jfocal.softmax_cross_entropy(x, ids, **options, **kw)
+  assert_close(adjusted(class_priors=priors, tau=0.0, z_loss=1e-3), plain(x, z_loss=1e-3),
+               jnp.float64, what="tau = 0")
+  assert_close(adjusted(class_priors=jnp.full(6, 0.2)), plain(x), jnp.float64,
+               what="uniform priors")
+  assert_close(adjusted(class_priors=counts, tau=1.5, z_loss=1e-3),
+               adjusted(class_priors=priors, tau=1.5, z_loss=1e-3), jnp.float64,
+               what="counts as priors")
+  shifted = x + 1.5 * jnp.log(priors).reshape(2, 3)
+  assert_close(adjusted(class_priors=priors, tau=1.5, z_loss=1e-3), plain(shifted, z_loss=1e-3),
+               jnp.float64, what="CE of the shifted logits")
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0, 2.0])
+def test_logit_adjusted_expected_loss_is_minimal_at_the_adjusted_prior(tau):
+  """Menon et al.'s consistency: with targets distributed as the priors pi, the expected
+  loss is minimal (zero gradient) at logits (1 - tau) log pi, so for tau = 1 the trained
+  logits carry no prior (the balanced classifier)."""
+  priors = np.array([0.6, 0.25, 0.1, 0.05])
+  x = (1 - tau) * np.log(priors)
+  grad = jax.grad(lambda x: jfocal.logit_adjusted_cross_entropy(
+      x, priors, class_priors=priors, tau=tau))(x)
+  assert_close(grad, np.zeros(4), jnp.float64, what="gradient at the minimiser")
+  moved = jax.grad(lambda x: jfocal.logit_adjusted_cross_entropy(
+      x, priors, class_priors=priors, tau=tau))(x + np.array([0.1, 0, 0, 0]))
+  assert np.abs(moved).max() > 1e-3
+
+
+@given(x=S.logits((3, 5), 30.0), ids=S.hnp.arrays(np.int32, (3,), elements=st.integers(0, 4)),
+       z_loss=st.sampled_from([1e-4, 0.1]))
+def test_z_loss_agrees_with_t5x_and_has_gradient_two_z_lse_softmax(x, ids, z_loss):
+  """T5X's cross_entropy_with_logits(z_loss) and PaLM's z-loss: CE + z log(Z)**2, with the
+  gradient softmax(x) - onehot + 2 z log(Z) softmax(x), in float64."""
+  value, grad = with_grad(lambda x: jfocal.softmax_cross_entropy(x, ids, z_loss=z_loss), x)
+  assert_close(value, ref.cross_entropy_with_z_loss_t5x(x, ids, z_loss), jnp.float64,
+               what="loss vs T5X")
+  top = x.max(-1, keepdims=True)
+  log_z = top + np.log(np.exp(x - top).sum(-1, keepdims=True))
+  p = np.exp(x - log_z)
+  expected = p - (np.arange(5) == ids[:, None]) + 2 * z_loss * log_z * p
+  assert_close(grad, expected, jnp.float64, what="gradient", scale=30.0)
+
+
+def test_class_priors_from_counts():
+  priors = jfocal.class_priors_from_counts(np.array([30, 10, 60]))
+  np.testing.assert_allclose(np.asarray(priors), [0.3, 0.1, 0.6], rtol=1e-15)
+  assert priors.dtype == jnp.float64  # the suite's x64 mode: JAX's default float
+  assert jfocal.class_priors_from_counts(np.ones(2, np.float32)).dtype == jnp.float32

@@ -6,8 +6,9 @@ subnormals, huge values, +-inf and NaN, integer class ids in and out of range
 in five integer dtypes (also class counts the dtype cannot hold), dense
 integer 0/1 targets, float and bool targets, (class_ids, scores) pairs,
 masks, weights, the loss's hyper-parameters from the registry's grid (static,
-or traced as arrays), label smoothing, ignore_index, reductions and
-normalisers. The properties are stated once, in the docstring of each test.
+or traced as arrays), label smoothing, the softmax family's z_loss,
+ignore_index, reductions and normalisers. The properties are stated once, in
+the docstring of each test.
 
 Under the default "ci" profile of `conftest.py` each test runs 6
 derandomised examples; its "fuzz" profile runs thousands of random ones
@@ -41,6 +42,9 @@ REDUCTIONS = ("none", "sum", "mean")
 INT_DTYPES = (np.int8, np.int16, np.int32, np.int64, np.uint8)
 FLOAT_LABEL_DTYPES = (np.float32, np.float64, jnp.bfloat16, np.float16)
 SMOOTHINGS = (0.0, 0.1, 0.5, 1.0)
+# The softmax family's z_loss; up to 0.5 its gradient 2 z lse softmax(x) fits every float
+# range at every finite logit.
+Z_LOSSES = (0.0, 1e-4, 0.5)
 IGNORE_INDICES = (-100, -1, 0, 1, 255, 1000)  # plus C, added per case
 BOUND = 1e4  # the README's "finite everywhere" range: |logit| <= 1e4
 
@@ -300,7 +304,7 @@ def normalizers(draw):
 @st.composite
 def cases(draw, *, names=NAMES, shapes=("nonempty",), logits="wide", labels="any",
           dtypes=FLOAT_DTYPES, masks=True, weights=True, reductions=REDUCTIONS,
-          ignore=True, smoothing=True, label_dtypes=None):
+          ignore=True, smoothing=True, z_loss=True, label_dtypes=None):
   """A `Case`; the keywords choose how wide each part is drawn."""
   name = draw(st.sampled_from(names))
   entry = registry.LOSSES[name]
@@ -346,6 +350,10 @@ def cases(draw, *, names=NAMES, shapes=("nonempty",), logits="wide", labels="any
     eps = draw(st.sampled_from(SMOOTHINGS))
     if eps:
       options["label_smoothing"] = eps
+  if z_loss and entry.takes("z_loss"):
+    z = draw(st.sampled_from(Z_LOSSES))
+    if z:
+      options["z_loss"] = z
 
   out_shape = shape if family == "sigmoid" else tuple(
       d for i, d in enumerate(shape) if i not in axes)
@@ -659,7 +667,7 @@ def test_infinite_logits_sigmoid(case):
 
 
 @given(case=cases(names=SOFTMAX_LIMITS, logits="inf", labels="valid", masks=False,
-                  weights=False, ignore=False, reductions=("none",)))
+                  weights=False, ignore=False, z_loss=False, reductions=("none",)))
 def test_infinite_logits_softmax(case):
   """+-inf logits with valid labels, rows with one +inf at most and not all -inf: the
   limit of the loss. Class c with target weight w_c = alpha_c y'_c > 0 (y' the smoothed

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import references as ref
 import registry
 import strategies as S
 from conftest import SUITE_XLA_OPTIONS, XLA_DEFAULTS
@@ -27,7 +28,7 @@ from helpers import FLOAT_DTYPES, all_finite, assert_close, host, on_reference_d
 from jfocal.engine import program
 
 PARAMS = registry.PARAMS
-# Parametrised over the twelve losses, each gets half of the profile's examples
+# Parametrised over the losses, each gets half of the profile's examples
 # (3 in CI, 250 in `make fuzz`).
 PER_LOSS = settings(max_examples=max(settings.default.max_examples // 2, 1))
 
@@ -314,3 +315,62 @@ def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
       _assert_finite_where_representable(
           traced(x, label_sets, p), [f"traced {name}={value}"] * len(label_sets),
           lambda: traced(wide_x, wide_labels, p), dtype)
+
+
+# Larger than PaLM's 1e-4, so that the term stands well above the float32 tolerance.
+Z_LOSS = 0.01
+
+
+@pytest.mark.parametrize("loss", [p for p in PARAMS if p.values[0].family == "softmax"])
+def test_z_loss_adds_the_squared_log_normalizer(loss):
+  """``z_loss`` adds ``z lse(x)**2`` per example to every softmax loss: the value and the
+  gradients in the logits, in dense labels and in a traced ``z`` equal float64 autodiff of
+  the reference plus that term; ``z = 0`` (static or traced) is the loss without it; at
+  saturated logits (+-1e4) the loss, gradient and Hessian stay finite in every dtype."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(5, 3)) * 3
+  ids = np.array([0, 2, 1, 2, 0])
+  y = rng.dirichlet(np.ones(3), size=5)
+  params = loss.options(3)
+  # The z-loss is of the logits the softmax sees: logit adjustment shifts them.
+  seen = lambda x: x + params["tau"] * jnp.log(params["class_priors"]) if (
+      "class_priors" in params) else x
+  textbook = lambda x, y, z: loss.reference(x, y, **params) + z * ref.log_sum_exp(seen(x)) ** 2
+  total = lambda fn: (lambda *args: jnp.sum(fn(*args)))
+
+  def evaluate(x, ids, y, z, extreme, extreme_ids):  # one program for every check
+    with_z = lambda x, y, z: loss(x, y, **params, z_loss=z)
+    results = {}
+    for name, labels in (("ids", ids), ("dense", y)):
+      results[name] = (with_z(x, labels, Z_LOSS),
+                       jax.grad(total(with_z), (0, 2))(x, labels, z),
+                       jax.grad(total(with_z), 1)(x, y, Z_LOSS) if name == "dense" else None)
+    results["zero"] = (with_z(x, ids, 0.0), with_z(x, ids, 0.0 * z), loss(x, ids, **params))
+    # PaLM's z_loss at saturated logits, whose z lse**2 (1e4) fits float16 too.
+    grad = jax.grad(total(lambda x: with_z(x, extreme_ids, 1e-4).astype(jnp.float32)))
+    results["extreme"] = [(with_z(e, extreme_ids, 1e-4), grad(e),
+                           jax.jvp(grad, (e,), (jnp.ones_like(e),))[1]) for e in extreme]
+    return results
+
+  extreme = [_extreme_inputs(loss, dtype)[0] for dtype in FLOAT_DTYPES]
+  got = jax.jit(evaluate)(jnp.asarray(x, jnp.float32), jnp.asarray(ids),
+                          jnp.asarray(y, jnp.float32), jnp.float32(Z_LOSS), extreme,
+                          _extreme_inputs(loss, jnp.float32)[1][0])
+  want = on_reference_device(lambda x, y: [
+      textbook(x, y, Z_LOSS), jax.grad(total(textbook), (0, 2))(x, y, Z_LOSS),
+      jax.grad(total(textbook), 1)(x, y, Z_LOSS)])
+  for name, labels in (("ids", registry.one_hot(ids, 3)), ("dense", y)):
+    value, (d_dx, d_dz), d_dy = got[name]
+    expected_value, (expected_dx, expected_dz), expected_dy = want(x, labels)
+    assert_close(value, expected_value, jnp.float32, what=f"loss with z_loss ({name})")
+    assert_close(d_dx, expected_dx, jnp.float32, what=f"d/dlogits with z_loss ({name})")
+    assert_close(d_dz, expected_dz, jnp.float32, what=f"d/dz_loss ({name})")
+    if d_dy is not None:
+      assert_close(d_dy, expected_dy, jnp.float32, what="d/dlabels with z_loss")
+  static_zero, traced_zero, without = got["zero"]
+  np.testing.assert_array_equal(host(static_zero), host(without))
+  assert_close(traced_zero, without, jnp.float32, what="traced z_loss = 0")
+  for dtype, (value, d_dx, d2_dx2) in zip(FLOAT_DTYPES, got["extreme"]):
+    name = np.dtype(dtype).name
+    all_finite(**{f"{name} loss at +-1e4": value, f"{name} d/dx at +-1e4": d_dx,
+                  f"{name} d2/dx2 at +-1e4": d2_dx2})

@@ -85,6 +85,12 @@ COMMON = {
         lambda loss: loss.takes("pos_weight"),
         lambda loss: loss(X3, IDS, pos_weight=np.ones(2)),
         ValueError, lambda loss: ["pos_weight", "(3,)", "(2,)"]),
+    "negative z_loss": (lambda loss: loss.takes("z_loss"),
+                        lambda loss: loss(X3, IDS, z_loss=-1e-4),
+                        ValueError, lambda loss: ["z_loss", "-0.0001", ">= 0"]),
+    "z_loss vector": (lambda loss: loss.takes("z_loss"),
+                      lambda loss: loss(X3, IDS, z_loss=jnp.ones(3)),
+                      ValueError, lambda loss: ["z_loss", "scalar", "(3,)"]),
     "a string for an array": (
         lambda loss: loss.takes("weights"), lambda loss: loss(X3, IDS, weights="1"),
         TypeError, lambda loss: ["weights", "'1'"]),
@@ -177,6 +183,34 @@ SPECIFIC = {
         ValueError, ["state", "(5,)", "(10,)", "ghmc_init"]),
     "GHM integer state": (lambda: jfocal.ghmc_loss(X3, IDS, bins=3, state=np.zeros(3, np.int32)),
                           TypeError, ["state", "int32", "float"]),
+    "ASL clip above 1": (lambda: jfocal.asymmetric_loss(X3, IDS, clip=1.5),
+                         ValueError, ["clip", "1.5", "[0, 1]"]),
+    "ASL negative gamma_neg": (lambda: jfocal.asymmetric_loss(X3, IDS, gamma_neg=-1.0),
+                               ValueError, ["gamma_neg", "-1.0", ">= 0"]),
+    "ASL gamma_pos vector": (lambda: jfocal.asymmetric_loss(X3, IDS, gamma_pos=jnp.ones(3)),
+                             ValueError, ["gamma_pos", "scalar", "(3,)"]),
+    "ASL detach_focusing array": (
+        lambda: jfocal.asymmetric_loss(X3, IDS, detach_focusing=np.ones(2, bool)),
+        TypeError, ["detach_focusing", "static"]),
+    "logit adjustment priors of the wrong length": (
+        lambda: jfocal.logit_adjusted_cross_entropy(X3, IDS, class_priors=np.ones(2)),
+        ValueError, ["class_priors", "(3,)", "(2,)"]),
+    "logit adjustment zero prior": (
+        lambda: jfocal.logit_adjusted_cross_entropy(X3, IDS, class_priors=np.array([0.5, 0, 0.5])),
+        ValueError, ["class_priors", "> 0", "(1,)"]),
+    "logit adjustment scalar prior": (
+        lambda: jfocal.logit_adjusted_cross_entropy(X3, IDS, class_priors=0.5),
+        ValueError, ["class_priors", "(3,)"]),
+    "logit adjustment tau vector": (
+        lambda: jfocal.logit_adjusted_cross_entropy(X3, IDS, class_priors=np.ones(3),
+                                                    tau=np.ones(2)),
+        ValueError, ["tau", "scalar", "(2,)"]),
+    "class_priors_from_counts zero count": (
+        lambda: jfocal.class_priors_from_counts(np.array([3, 0, 2])),
+        ValueError, ["counts", "> 0", "index 1", "counts + 1"]),
+    "class_priors_from_counts matrix": (
+        lambda: jfocal.class_priors_from_counts(np.ones((2, 3))),
+        ValueError, ["counts", "(C,)", "(2, 3)"]),
     "ghmc_init bins": (lambda: jfocal.ghmc_init(-2), ValueError, ["bins", "-2"]),
     "class_balanced_alpha beta 1": (lambda: jfocal.class_balanced_alpha(np.ones(3), beta=1.0),
                                     ValueError, ["beta", "[0, 1)", "1.0"]),

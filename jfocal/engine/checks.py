@@ -192,26 +192,28 @@ def check_label_smoothing(label_smoothing: Any) -> float:
   return static_number(label_smoothing, "label_smoothing", UNIT)
 
 
-def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool) -> jax.Array:
+def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool,
+                name: str = "alpha") -> jax.Array:
   """A number (if allowed) or a per-class vector of length `num_classes` (shape and dtype only).
 
   `num_classes` is None for logits without a class axis, where only a number fits.
+  `name` is the argument's name (``alpha``, ``class_priors``), for error messages.
   """
-  alpha = as_array(alpha, "alpha")
+  alpha = as_array(alpha, name)
   require_kind(alpha, (float, int),
-               message=f"alpha must hold real numbers; got dtype {alpha.dtype}")
+               message=f"{name} must hold real numbers; got dtype {alpha.dtype}")
   expected = f"a per-class vector of shape ({num_classes},)"
   if allow_scalar:
     if alpha.ndim == 0:
       return alpha
     if num_classes is None:
-      raise ValueError(f"alpha must be a number for logits without a class axis; "
+      raise ValueError(f"{name} must be a number for logits without a class axis; "
                        f"got shape {alpha.shape}")
     expected = f"a number or {expected}"
   require(chex.assert_rank, alpha, 1,
-          message=f"alpha must be {expected}; got shape {alpha.shape}")
+          message=f"{name} must be {expected}; got shape {alpha.shape}")
   require(chex.assert_shape, alpha, (num_classes,),
-          message=f"alpha must have one entry per class, shape ({num_classes},); "
+          message=f"{name} must have one entry per class, shape ({num_classes},); "
           f"got shape {alpha.shape}")
   return alpha
 

@@ -9,7 +9,8 @@ and decorated with `program`. The decorator
 - sorts the options into *static* ones, whose values specialise the compiled
   program and key its cache (``reduction``, ``ignore_index``,
   ``label_smoothing``, ``axis``, ``axis_name``, a string ``normalizer``, the
-  names in ``static``, and the names in ``specialising`` when they are Python
+  names in ``static``, and the names in ``specialising`` and in
+  `COMMON_SPECIALISING` (the softmax family's ``z_loss``) when they are Python
   or NumPy scalar numbers), and *traced* ones (JAX and NumPy arrays, as under a
   caller's `jax.jit`: `checks.is_traced`; and every other number), whose new
   values never recompile;
@@ -42,6 +43,10 @@ R = TypeVar("R")
 # Options whose values specialise every loss's program.
 COMMON_STATIC = frozenset({"ignore_index", "label_smoothing", "reduction", "axis", "axis_name"})
 
+# Hyper-parameters common to a family (the softmax family's z_loss), with their bounds:
+# specialising, as a loss's own, in every signature that has them.
+COMMON_SPECIALISING: Mapping[str, checks.Bound] = {"z_loss": checks.NON_NEGATIVE}
+
 
 @dataclasses.dataclass(frozen=True)
 class LossInfo:
@@ -62,12 +67,15 @@ def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = 
             bounds: Mapping[str, checks.Bound] | None = None,
             stateful: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]:
   """Makes ``fn`` a public loss; see the module docstring."""
-  bounds = dict(bounds or {})
   static_names = COMMON_STATIC | frozenset(static)
 
   def decorate(fn: Callable[P, R]) -> Callable[P, R]:
     signature = inspect.signature(fn)
     logits_name, labels_name = list(signature.parameters)[:2]
+    common = {name: bound for name, bound in COMMON_SPECIALISING.items()
+              if name in signature.parameters}
+    all_bounds = {**common, **(bounds or {})}
+    all_specialising = frozenset(specialising) | frozenset(common)
 
     def body(arrays: dict[str, Any], static_items: tuple[tuple[str, Any], ...]) -> Any:
       return fn(**arrays, **dict(static_items))  # type: ignore[call-arg]
@@ -88,21 +96,21 @@ def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = 
         elif name in static_names or (name == "normalizer" and (value is None
                                                                 or isinstance(value, str))):
           static_items.append((name, checks.static_option(value, name)))
-        elif name in specialising and not checks.is_traced(value):
-          bound = bounds.get(name, checks.FINITE)
+        elif name in all_specialising and not checks.is_traced(value):
+          bound = all_bounds.get(name, checks.FINITE)
           static_items.append((name, checks.static_number(value, name, bound)))
         else:
           if isinstance(value, str):
             raise TypeError(f"{name} must be a number or an array; got {value!r}")
           if isinstance(value, (list, tuple)):
             value = checks.as_array(value, name)
-          if name in bounds:
-            checks.check_bounds(value, name, bounds[name])
+          if name in all_bounds:
+            checks.check_bounds(value, name, all_bounds[name])
           arrays[name] = value
       return compiled(arrays, tuple(static_items))
 
-    REGISTRY[run] = LossInfo(fn.__name__, family, labels_name, bounds, stateful,
-                             frozenset(specialising))
+    REGISTRY[run] = LossInfo(fn.__name__, family, labels_name, all_bounds, stateful,
+                             all_specialising)
     return run
 
   return decorate

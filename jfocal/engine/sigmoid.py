@@ -173,6 +173,26 @@ class Folded(NamedTuple):
   def one_minus_p_t(self) -> jax.Array:
     return self.scaled_m * self.sigmoid_z
 
+  @property
+  def p(self) -> jax.Array:
+    """``sigma(x)``, exact at every logit (no ``1 - sigma`` cancellation)."""
+    return jnp.where(self.likely_side, self.sigmoid_z, self.sigmoid_minus_z)
+
+  @property
+  def one_minus_p(self) -> jax.Array:
+    """``sigma(-x)``."""
+    return jnp.where(self.likely_side, self.sigmoid_minus_z, self.sigmoid_z)
+
+  @property
+  def neg_log_p(self) -> jax.Array:
+    """``-log sigma(x) = softplus(-x)``."""
+    return self.log1p_e + jnp.where(self.likely_side, 0, self.z)
+
+  @property
+  def neg_log_one_minus_p(self) -> jax.Array:
+    """``-log sigma(-x) = softplus(x)``."""
+    return self.log1p_e + jnp.where(self.likely_side, self.z, 0)
+
   def pq_over_m(self) -> jax.Array:
     """``sigma(z) sigma(-z) / m``; ``sigma(z)`` exactly where ``v == 0``."""
     return jnp.where(self.certain, self.sigmoid_z, self.sigmoid_minus_z / self.safe_scaled_m)
@@ -204,6 +224,12 @@ def folded(x: jax.Array, y: jax.Array) -> Folded:
   log_m = jnp.where(certain, -z, jnp.log(safe_scaled_m)) - log1p_e
   return Folded(likely_side, z, u, v, e, sigmoid_z, e * sigmoid_z, log1p_e, certain,
                 cross_entropy, scaled_m, safe_scaled_m, log_m)
+
+
+def mix(y: jax.Array, positive: jax.Array, negative: jax.Array) -> jax.Array:
+  """``y positive + (1 - y) negative``; a side without target mass adds 0, even where it is +inf."""
+  return (jnp.where(y == 0, 0, y * positive)
+          + jnp.where(y == 1, 0, (1 - y) * negative))
 
 
 def balance(alpha: jax.Array, y: jax.Array) -> jax.Array:

@@ -10,8 +10,9 @@ target mass: ``sum_c alpha_c y_c t(n_c)``, which for a class id ``k`` is
    axes, flattened as optax does) and the common keywords into
    `SoftmaxInputs`.
 2. `example_loss` computes the log-normaliser once (`log_normalizer`), the
-   terms, alpha, label smoothing and the class sum (`class_sum`, whose
-   derivative with respect to the targets is exact, also where a target is 0).
+   terms, alpha, label smoothing, the class sum (`class_sum`, whose
+   derivative with respect to the targets is exact, also where a target is 0)
+   and the family's z-loss.
 3. `reduce` applies NaN for invalid ids, the weights and the mask, then
    reduces.
 
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from jfocal.engine import checks, reduce as reducing
+from jfocal.engine import checks, numerics, reduce as reducing
 
 
 class SoftmaxInputs(NamedTuple):
@@ -229,6 +230,7 @@ def _excluded_nll_jvp(axis, primals, tangents):
 
 class LogNormalizer(NamedTuple):
   """The negative log-probabilities of a row: ``-log p_c = log_sum - shifted_c``."""
+  top: jax.Array        # max(x), a constant of the derivatives, the class axis kept
   shifted: jax.Array    # x - max(x), x's shape
   log_sum: jax.Array    # log sum_c exp(shifted_c), the class axis kept
   excluded: jax.Array   # -log p_k of the excluded class (the target id), the class axis kept
@@ -252,7 +254,7 @@ def log_normalizer(inputs: SoftmaxInputs) -> LogNormalizer:
   shifted = _shift(x, top)
   excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
   excluded = jnp.expand_dims(excluded, axis)
-  return LogNormalizer(shifted, _log_sum(shifted, excluded, axis),
+  return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis),
                        _excluded_nll(shifted, excluded, axis))
 
 
@@ -292,20 +294,42 @@ def checked_alpha(alpha: Any, inputs: SoftmaxInputs) -> jax.Array | None:
   return checks.check_alpha(alpha, inputs.num_classes, allow_scalar=False).astype(inputs.dtype)
 
 
+def along_classes(values: jax.Array, inputs: SoftmaxInputs) -> jax.Array:
+  """A per-class vector of shape ``(C,)`` shaped to broadcast along the class axis of ``x``."""
+  return jnp.expand_dims(values, tuple(range(1, inputs.x.ndim - inputs.axis)))
+
+
 def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], *,
-                 alpha: Any = None) -> jax.Array:
-  """``sum_c alpha_c y_c term(-log p_c)`` per example, before weights and masks.
+                 alpha: Any = None, z_loss: Any = 0.0) -> jax.Array:
+  """``sum_c alpha_c y_c term(-log p_c) + z_loss lse**2`` per example, before weights and masks.
 
   ``term`` maps negative log-probabilities (>= 0, +inf for a class of
   probability 0) to the loss of a class, elementwise. With class ids the
   target's term is gathered, and label smoothing adds ``eps / K`` of every
   class's term (``K`` the number of classes, or of unmasked classes).
+  ``z_loss`` (a number >= 0 or a traced scalar) adds the square of the
+  log-normaliser ``lse = log sum_c exp(x_c)``, from the same pass: its
+  derivative ``2 z_loss lse softmax(x)`` reuses the softmax's numerators.
   """
   normalizer = log_normalizer(inputs)
+  loss = _class_terms(inputs, normalizer, term, alpha)
+  z_loss = checks.parameter(z_loss, "z_loss")
+  if numerics.is_static_zero(z_loss):
+    return loss
+  lse = jnp.squeeze(normalizer.top + normalizer.log_sum, inputs.axis)
+  if inputs.mask is not None:  # a row without classes has lse = -inf, and 0 * inf gradients
+    lse = jnp.where(inputs.mask, lse, 0)
+  z = z_loss if isinstance(z_loss, float) else z_loss.astype(inputs.dtype)
+  # lse * (z lse) rather than z lse**2: its derivative never forms 2 lse, which
+  # overflows for logits near the largest float.
+  return loss + lse * (z * lse)
+
+
+def _class_terms(inputs: SoftmaxInputs, normalizer: LogNormalizer,
+                 term: Callable[[jax.Array], jax.Array], alpha: Any) -> jax.Array:
   axis, classes, eps = inputs.axis, inputs.classes, inputs.label_smoothing
   alpha = checked_alpha(alpha, inputs)
-  class_weights = None if alpha is None else jnp.expand_dims(
-      alpha, tuple(range(1, inputs.x.ndim - axis)))
+  class_weights = None if alpha is None else along_classes(alpha, inputs)
   # The classes label smoothing spreads over, per example.
   choices: Any = inputs.num_classes
   if classes is not None:
