@@ -20,6 +20,11 @@ from jfocal.engine.program import program
 from jfocal.engine.types import ArrayLike, AxisName, Normalizer, Parameter, Reduction
 
 
+def _identity(n: Any) -> Any:
+  """The cross-entropy's term of a class: its negative log-probability itself."""
+  return n
+
+
 def class_priors_from_counts(counts: ArrayLike) -> jax.Array:
   r"""Class priors :math:`\pi_c = n_c / \sum_k n_k` from the training set's class counts.
 
@@ -142,8 +147,3 @@ def logit_adjusted_cross_entropy(logits: ArrayLike, labels: ArrayLike, *, class_
   loss = softmax.example_loss(inputs, _identity, z_loss=z_loss)
   return softmax.reduce(loss, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
-
-
-def _identity(n: Any) -> Any:
-  """The cross-entropy's term of a class: its negative log-probability itself."""
-  return n
