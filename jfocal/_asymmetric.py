@@ -147,15 +147,18 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
     kept = jnp.where(clip > 0, a.q / jnp.where(clip > 0, a.q + clip, 1), 1)
     d_dx = -y * a.q + jnp.where(a.shifted, (1 - y) * a.p * kept, 0)
     if focusing:
-      d_dx = d_dx + g * ratio * (pq * (jnp.where(a.shifted, 1 - y, 0) - y))
+      # ratio (up to |x|) times d m/dx (down to |x| e^-|x|) first: bounded at every logit.
+      d_dx = d_dx + g * (ratio * (pq * (jnp.where(a.shifted, 1 - y, 0) - y)))
     tangent = tangent + factor * weight * d_dx * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_dy = a.a - a.b
     if focusing:
-      d_dy = d_dy + g * ratio * (a.q - a.p_m)
+      d_dy = d_dy + g * (ratio * (a.q - a.p_m))
       if not isinstance(g, float):
         d_dy = d_dy + (gamma_pos - gamma_neg) * numerics.times_log(a.ce, a.log_m)
-    tangent = tangent + factor * weight * d_dy * y_dot
+    # A zero weight (m = 0, where the loss vanishes with all its y-derivatives) removes
+    # a d/dy that overflowed at the largest logits.
+    tangent = tangent + factor * numerics.zero_removes(weight, d_dy) * y_dot
   if not isinstance(factor_dot, SymbolicZero):
     tangent = tangent + weight * a.ce * factor_dot
   if not detach_focusing:
