@@ -112,12 +112,7 @@ def class_balanced_alpha(counts: Any, *, beta: float = 0.999) -> jax.Array:
                      "e.g. 0.9999")
   if checks.is_concrete(counts) and np.any(np.asarray(counts) < 0):
     raise ValueError(f"counts must be >= 0; got {counts}")
-  counts = checks.as_array(counts, "counts")
-  checks.require_kind(counts, (int, float),
-                           message=f"counts must be real numbers; got dtype {counts.dtype}")
-  if counts.ndim != 1 or counts.shape[0] == 0:
-    raise ValueError(f"counts must be a vector with one count per class, shape (C,) with "
-                     f"C >= 1; got shape {counts.shape}")
+  counts = checks.class_counts(counts)
   dtype = checks.result_float(counts.dtype)
   counts = jnp.maximum(counts.astype(dtype), 1)
   if beta == 0.0:

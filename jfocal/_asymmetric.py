@@ -97,8 +97,9 @@ def _exponent(y: jax.Array, gamma_pos: Parameter, gamma_neg: Parameter) -> Param
   return gamma_pos * y + gamma_neg * (1 - y)
 
 
-def _weight(a: _Shifted, y: jax.Array, gamma_pos: Parameter, gamma_neg: Parameter) -> jax.Array:
-  return numerics.power(a.m, _exponent(y, gamma_pos, gamma_neg), a.log_m)
+def _weight(a: _Shifted, g: Parameter) -> jax.Array:
+  """``m**g``, with the exponent of `_exponent`."""
+  return numerics.power(a.m, g, a.log_m)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9))
@@ -114,7 +115,7 @@ def asymmetric_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: ja
   gamma_pos, gamma_neg = (numerics.pick(gamma_pos, static_gamma_pos),
                           numerics.pick(gamma_neg, static_gamma_neg))
   a = _shifted(x, y, numerics.pick(clip, static_clip))
-  return numerics.fence(factor * _weight(a, y, gamma_pos, gamma_neg) * a.ce)
+  return numerics.fence(factor * _weight(a, _exponent(y, gamma_pos, gamma_neg)) * a.ce)
 
 
 @functools.partial(asymmetric_term.defjvp, symbolic_zeros=True)
@@ -131,7 +132,7 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
   y = numerics.fence(y)
   a = _shifted(numerics.derivative_logits(x), y, clip)
   g = _exponent(y, gamma_pos, gamma_neg)
-  weight = _weight(a, y, gamma_pos, gamma_neg)
+  weight = _weight(a, g)
   if detach_focusing:  # a constant of the derivatives of every order
     weight = jax.lax.stop_gradient(weight)
   focusing = not detach_focusing and not (numerics.is_static_zero(gamma_pos)

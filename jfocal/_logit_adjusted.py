@@ -49,11 +49,7 @@ def class_priors_from_counts(counts: ArrayLike) -> jax.Array:
     Menon et al., `Long-tail learning via logit adjustment
     <https://arxiv.org/abs/2007.07314>`_, ICLR 2021.
   """
-  array = checks.as_array(counts, "counts")
-  checks.require_kind(array, (int, float),
-                      message=f"counts must hold real numbers; got dtype {array.dtype}")
-  if array.ndim != 1 or array.shape[0] == 0:
-    raise ValueError(f"counts must be a vector of shape (C,) with C >= 1; got shape {array.shape}")
+  array = checks.class_counts(counts)
   if checks.is_concrete(counts):
     values = np.asarray(counts, np.float64)
     bad = np.flatnonzero(~(np.isfinite(values) & (values > 0)))

@@ -218,6 +218,16 @@ def check_alpha(alpha: Any, num_classes: int | None, *, allow_scalar: bool,
   return alpha
 
 
+def class_counts(counts: Any) -> jax.Array:
+  """A vector of per-class counts, shape ``(C,)`` with ``C >= 1`` (shape and dtype only)."""
+  array = as_array(counts, "counts")
+  require_kind(array, (int, float), message=f"counts must be real numbers; got dtype {array.dtype}")
+  if array.ndim != 1 or array.shape[0] == 0:
+    raise ValueError(f"counts must be a vector with one count per class, shape (C,) with "
+                     f"C >= 1; got shape {array.shape}")
+  return array
+
+
 def check_per_class(value: Any, name: str, num_classes: int | None) -> jax.Array:
   """A real number or a per-class vector of shape ``(C,)`` (``pos_weight``)."""
   array = as_array(value, name)
