@@ -17,6 +17,10 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
            textbook formula (tests/references.py) at the same dtype and against the
            sigmoid focal loss, a detector's call against the same loss with optax, and
            softmax CE with PaLM's z-loss against the textbook CE plus z lse**2
+  vocabulary  the fused linear + softmax losses (CE, focal, each with and without label
+           smoothing) of 2048 tokens x 128 features -> V = 32768 classes against a dense
+           matmul followed by optax's integer-label CE, value-and-grad in the features and
+           the kernel; V = 131072 compiled for XLA's memory analysis only
 The floor kernel reads the same inputs and writes one logits-shaped array with one
 exp and one log1p per element: the least a value-and-grad can read, write and
 compute. Softmax with C=1 is skipped: its loss is identically zero. All losses are summed, gradients are taken with respect to the logits.
@@ -248,6 +252,76 @@ def extended_markdown(rows: list[Row]) -> str:
   return "\n".join(out) + "\n"
 
 
+# The fused linear + softmax losses against the materialised path (dense matmul, then
+# optax's integer-label CE), value-and-grad in the features and the kernel.
+DENSE = "dense matmul + optax CE"
+
+
+def vocabulary_losses(ids) -> dict[str, Callable]:
+  fused = {
+      "linear_softmax_cross_entropy": lambda f, w: jfocal.linear_softmax_cross_entropy(
+          f, w, ids, reduction="mean"),
+      "linear_softmax_focal_loss": lambda f, w: jfocal.linear_softmax_focal_loss(
+          f, w, ids, gamma=GAMMA, reduction="mean"),
+      "linear_softmax_cross_entropy, label_smoothing=0.1": lambda f, w: (
+          jfocal.linear_softmax_cross_entropy(f, w, ids, label_smoothing=0.1, reduction="mean")),
+      "linear_softmax_focal_loss, label_smoothing=0.1": lambda f, w: (
+          jfocal.linear_softmax_focal_loss(f, w, ids, gamma=GAMMA, label_smoothing=0.1,
+                                           reduction="mean")),
+  }
+  return {DENSE: lambda f, w: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(f @ w, ids)), **fused}
+
+
+def run_vocabulary(tokens, features_dim, vocab, rounds, rng, notes: list[str],
+                   timed=True) -> list[Row]:
+  """Fused losses and the materialised path interleaved; temp relative to the logits' bytes.
+  Appends the float32 agreement of fused CE with the dense path to ``notes``."""
+  f = jnp.asarray(rng.normal(size=(tokens, features_dim)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(features_dim, vocab)) / np.sqrt(features_dim), jnp.float32)
+  ids = jnp.asarray(rng.integers(0, vocab, size=tokens), jnp.int32)
+  logits_bytes = tokens * vocab * 4
+  compiled = {name: _compile(jax.value_and_grad(fn, argnums=(0, 1)), f, w)
+              for name, fn in vocabulary_losses(ids).items()}
+  times = {name: [] for name in compiled}
+  for _ in range(rounds if timed else 0):
+    for name, (fn, _, _) in compiled.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(f, w))
+      times[name].append(time.perf_counter() - start)
+  if timed:  # float32 agreement of fused CE with the dense path: loss, and gradients
+    (dense_loss, dense_grads), (loss, grads) = (
+        compiled[name][0](f, w) for name in (DENSE, "linear_softmax_cross_entropy"))
+    agreement = max([abs(float(loss - dense_loss)) / abs(float(dense_loss))] + [
+        float(jnp.max(jnp.abs(g - h)) / jnp.max(jnp.abs(h))) for g, h in zip(grads, dense_grads)])
+    notes.append(f"V={vocab}: linear_softmax_cross_entropy and the dense path agree to "
+                 f"{agreement:.1e} relative in float32 (the loss, and the largest gradient "
+                 "error over the largest gradient entry)")
+  return [Row("vocabulary", "float32", vocab, tokens * vocab, name, "value_and_grad",
+              float(np.median(times[name])) if timed else float("nan"), compile_s,
+              None if temp is None else temp / logits_bytes, f.nbytes + w.nbytes, w.nbytes)
+          for name, (_, compile_s, temp) in compiled.items()]
+
+
+def vocabulary_markdown(rows: list[Row], tokens: int, features_dim: int) -> str:
+  fmt = lambda v: "n/a" if v is None or v != v else f"{v:.3f}"
+  out = ["", f"Large vocabularies: value-and-grad in the features and the kernel of the mean "
+         f"loss of {tokens} tokens x {features_dim} features -> V classes, float32 (temp: "
+         "XLA's temp bytes over the logits' tokens x V x 4 bytes; time only where measured):",
+         "", "| loss | V | ms | time / dense | time / fused CE | temp / logits | compile s |",
+         "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.family != "vocabulary":
+      continue
+    dense = _lookup(rows, family="vocabulary", classes=r.classes, impl=DENSE)
+    ce = _lookup(rows, family="vocabulary", classes=r.classes,
+                 impl="linear_softmax_cross_entropy")
+    out.append(f"| {r.impl} | {r.classes} | {fmt(r.median_s * 1e3)} | "
+               f"{fmt(r.median_s / dense.median_s)} | {fmt(r.median_s / ce.median_s)} | "
+               f"{fmt(r.temp_over_input)} | {r.compile_s:.2f} |")
+  return "\n".join(out) + "\n"
+
+
 def _rounds(elements: int, requested: int | None) -> int:
   if requested:
     return requested
@@ -401,6 +475,11 @@ def main() -> None:
   parser.add_argument("--extended-size", type=int, default=20,
                       help="log2 of the logits of the extended losses' single case (C is the "
                       "largest --classes); at most the largest --sizes")
+  parser.add_argument("--vocab-sizes", type=int, nargs="*", default=[32768, 131072],
+                      help="V of the large-vocabulary cases; the largest is compiled for its "
+                      "memory, not timed")
+  parser.add_argument("--vocab-tokens", type=int, default=2048)
+  parser.add_argument("--vocab-features", type=int, default=128)
   parser.add_argument("--out", type=pathlib.Path, default=HERE)
   args = parser.parse_args()
   if args.quick:
@@ -433,7 +512,13 @@ def main() -> None:
                          _rounds(extended_elements, args.rounds), rng)
     print(f"  extended {dtype:8s} C={max(args.classes):<3d} {extended_elements:>8d} logits done "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
-  lines = headline(rows)
+  notes: list[str] = []
+  for vocab in args.vocab_sizes:
+    timed = vocab != max(args.vocab_sizes) or len(args.vocab_sizes) == 1
+    rows += run_vocabulary(args.vocab_tokens, args.vocab_features, vocab,
+                           args.rounds or 5, rng, notes, timed=timed)
+    print(f"  vocabulary V={vocab} done ({time.perf_counter() - started:.0f} s)", flush=True)
+  lines = headline(rows) + notes
   if backend == "gpu":
     peak = _device_peak_bandwidth(rng)
     for r in rows:
@@ -445,7 +530,8 @@ def main() -> None:
   for line in lines:
     print(line)
   args.out.mkdir(parents=True, exist_ok=True)
-  (args.out / "results.md").write_text(markdown(rows, lines, machine))
+  (args.out / "results.md").write_text(markdown(rows, lines, machine) + vocabulary_markdown(
+      rows, args.vocab_tokens, args.vocab_features))
   (args.out / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows],
                                                     indent=1))
   plot(rows, args.out / "results.png")

@@ -11,6 +11,7 @@ from jfocal._asymmetric import asymmetric_loss
 from jfocal._checked import checked
 from jfocal._focal_star import sigmoid_focal_loss_star
 from jfocal._ghm import ghmc_init, ghmc_loss
+from jfocal._linear import linear_softmax_cross_entropy, linear_softmax_focal_loss
 from jfocal._logit_adjusted import class_priors_from_counts, logit_adjusted_cross_entropy
 from jfocal._normalizer import ema_normalizer, ema_normalizer_init
 from jfocal._poly import poly1_cross_entropy, poly1_focal_loss
@@ -31,6 +32,8 @@ __all__ = [
     "ema_normalizer_init",
     "ghmc_init",
     "ghmc_loss",
+    "linear_softmax_cross_entropy",
+    "linear_softmax_focal_loss",
     "logit_adjusted_cross_entropy",
     "poly1_cross_entropy",
     "poly1_focal_loss",

@@ -103,20 +103,25 @@ def _require(ok: jax.Array, values: jax.Array, name: str, expected: str) -> None
 
 
 def _class_axes(info: LossInfo, arguments: dict[str, Any], ndim: int) -> tuple[int, ...]:
-  if info.family == "sigmoid":
+  if info.family != "softmax":  # sigmoid: the class axis; linear_softmax: the feature axis
     return (ndim - 1,) if ndim else ()
   axis = arguments.get("axis", -1)
   return tuple(a % ndim for a in (axis if isinstance(axis, tuple) else (axis,)))
 
 
 def _check_values(info: LossInfo, arguments: dict[str, Any], finite_logits: bool) -> None:
-  logits = jnp.asarray(next(iter(arguments.values())))
+  logits_name = next(iter(arguments))
+  logits = jnp.asarray(arguments[logits_name])
   labels, scores = arguments[info.labels], None
   if isinstance(labels, tuple):  # (class_ids, scores)
     labels, scores = labels
   labels = jnp.asarray(labels)
   axes = _class_axes(info, arguments, logits.ndim)
   num_classes = math.prod(logits.shape[a] for a in axes)
+  if info.family == "linear_softmax":  # the kernel's columns, on every device of the vocabulary
+    vocab_axis = arguments.get("vocab_axis_name")
+    shards = 1 if vocab_axis is None else jax.lax.axis_size(vocab_axis)
+    num_classes = jnp.shape(arguments["kernel"])[1] * shards
   where = arguments.get("where")
   where = None if where is None else jnp.asarray(where)
   per_logit = where is not None and where.ndim == logits.ndim
@@ -168,5 +173,5 @@ def _check_values(info: LossInfo, arguments: dict[str, Any], finite_logits: bool
     _require(jnp.isfinite(normalizer) & (normalizer > 0), normalizer, "normalizer",
              "normalizer must be finite and > 0")
   if finite_logits:
-    _require(jnp.isfinite(logits), logits, "logits", "logits must be finite")
+    _require(jnp.isfinite(logits), logits, logits_name, f"{logits_name} must be finite")
 

@@ -15,6 +15,9 @@ import registry
 from jfocal.engine import program
 
 LOSSES = sorted(info.name for info in program.REGISTRY.values())
+# The losses of a linear layer's logits, (features, kernel, labels): tests/test_linear.py.
+STREAMED = sorted(info.name for info in program.REGISTRY.values()
+                  if info.family == "linear_softmax")
 MODULES = sorted({inspect.getmodule(getattr(jfocal, name)) for name in jfocal.__all__},
                  key=lambda module: module.__name__)
 
@@ -56,9 +59,10 @@ def test_loss_signature_is_typed_logits_labels_then_keyword_only(name):
   fn = getattr(jfocal, name)
   signature = inspect.signature(fn)
   parameters = list(signature.parameters.values())
-  assert [p.name for p in parameters[:2]] == [
-      "logits", program.REGISTRY[fn].labels]
-  assert all(p.kind is p.KEYWORD_ONLY for p in parameters[2:])
+  positional = (["features", "kernel"] if name in STREAMED else ["logits"]) + [
+      program.REGISTRY[fn].labels]
+  assert [p.name for p in parameters[:len(positional)]] == positional
+  assert all(p.kind is p.KEYWORD_ONLY for p in parameters[len(positional):])
   assert signature.parameters["reduction"].default == "none"
   hints = typing.get_type_hints(fn.__wrapped__)
   for parameter in parameters:
@@ -78,14 +82,15 @@ def test_every_loss_takes_its_familys_common_keywords(name):
   # IoU targets would all become positive with label smoothing.
   assert ("label_smoothing" in keywords) == (name not in ("quality_focal_loss", "varifocal_loss"))
   assert ("axis" in keywords) == (family == "softmax")
-  assert ("z_loss" in keywords) == (family == "softmax")
-  if family == "softmax":
+  assert ("z_loss" in keywords) == (family in ("softmax", "linear_softmax"))
+  assert ("vocab_axis_name" in keywords) == (family == "linear_softmax")
+  if family != "sigmoid":
     assert "pos_weight" not in keywords
 
 
 def test_the_registry_covers_every_loss_and_every_hyper_parameter():
   """Every public loss has one registry entry, which passes all its own keywords."""
-  assert set(registry.NAMES) == set(LOSSES)
+  assert set(registry.NAMES) == set(LOSSES) - set(STREAMED)
   for entry in registry.LOSSES.values():
     info = program.REGISTRY[entry.fn]
     assert entry.family == info.family and entry.stateful == info.stateful

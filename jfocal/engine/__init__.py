@@ -20,6 +20,11 @@ One call, e.g. ``jfocal.sigmoid_focal_loss(logits, labels, gamma=2.0)``, flows:
    the unmasked entries, a normaliser or the positives, globally over
    ``axis_name``.
 
+The fused losses of a linear layer's logits (``jfocal.linear_softmax_*``) take
+the same softmax cores through `vocab`, which streams ``features @ kernel``
+over vocabulary blocks under one ``jax.custom_vjp`` and hands the per-token
+loss to step 4.
+
 `numerics` holds the shared building blocks (powers for static and traced
 exponents, the per-platform CPU fence, the fast log1p) and `types` the
 types of the public signatures.

@@ -48,11 +48,15 @@ COMMON_STATIC = frozenset({"ignore_index", "label_smoothing", "reduction", "axis
 COMMON_SPECIALISING: Mapping[str, checks.Bound] = {"z_loss": checks.NON_NEGATIVE}
 
 
+# "linear_softmax": a softmax loss of features @ kernel (features, kernel, labels).
+Family = Literal["sigmoid", "softmax", "linear_softmax"]
+
+
 @dataclasses.dataclass(frozen=True)
 class LossInfo:
   """What `jfocal.checked` needs to know about a public loss."""
   name: str
-  family: Literal["sigmoid", "softmax"]
+  family: Family
   labels: str                     # the name of the labels argument (labels, scores, targets)
   bounds: Mapping[str, checks.Bound]
   stateful: bool                  # returns (loss, state)
@@ -62,16 +66,24 @@ class LossInfo:
 REGISTRY: dict[Callable[..., Any], LossInfo] = {}
 
 
-def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = (),
+def program(*, family: Family, static: tuple[str, ...] = (),
             specialising: tuple[str, ...] = (),
-            bounds: Mapping[str, checks.Bound] | None = None,
-            stateful: bool = False) -> Callable[[Callable[P, R]], Callable[P, R]]:
-  """Makes ``fn`` a public loss; see the module docstring."""
+            bounds: Mapping[str, checks.Bound] | None = None, stateful: bool = False,
+            labels: str | None = None, forward_mode_error: str | None = None
+            ) -> Callable[[Callable[P, R]], Callable[P, R]]:
+  """Makes ``fn`` a public loss; see the module docstring.
+
+  ``labels`` names the labels argument (default: the second parameter; the
+  first is always the one converted to an array, the logits or features).
+  ``forward_mode_error``, for a loss with reverse-mode derivatives only,
+  replaces JAX's error under forward-mode differentiation.
+  """
   static_names = COMMON_STATIC | frozenset(static)
 
   def decorate(fn: Callable[P, R]) -> Callable[P, R]:
     signature = inspect.signature(fn)
-    logits_name, labels_name = list(signature.parameters)[:2]
+    logits_name = next(iter(signature.parameters))
+    labels_name = labels or list(signature.parameters)[1]
     common = {name: bound for name, bound in COMMON_SPECIALISING.items()
               if name in signature.parameters}
     all_bounds = {**common, **(bounds or {})}
@@ -107,7 +119,14 @@ def program(*, family: Literal["sigmoid", "softmax"], static: tuple[str, ...] = 
           if name in all_bounds:
             checks.check_bounds(value, name, all_bounds[name])
           arrays[name] = value
-      return compiled(arrays, tuple(static_items))
+      if forward_mode_error is None:
+        return compiled(arrays, tuple(static_items))
+      try:
+        return compiled(arrays, tuple(static_items))
+      except TypeError as error:
+        if "forward-mode" not in str(error):
+          raise
+        raise TypeError(forward_mode_error) from None
 
     REGISTRY[run] = LossInfo(fn.__name__, family, labels_name, all_bounds, stateful,
                              all_specialising)

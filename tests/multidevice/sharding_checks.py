@@ -258,3 +258,51 @@ def test_ghmc_histogram_is_global_when_sharded_or_mapped():
     assert_close(got, expected, jnp.float32)
     assert_close(got_state, expected_state, jnp.float32)
     assert_close(got_grad, expected_grad, jnp.float32)
+
+
+def linear_problem(tokens=32, d=8, vocab=96):
+  """Features, kernel, bias, alpha and ids (one ignored) of a fused linear + softmax loss."""
+  rng = np.random.default_rng(0)
+  arrays = (rng.normal(size=(tokens, d)), rng.normal(size=(d, vocab)) / 3, rng.normal(size=vocab),
+            rng.uniform(0.2, 1.0, size=vocab))
+  ids = jnp.asarray(rng.integers(0, vocab, size=tokens)).at[3].set(-100)
+  return (*(jnp.asarray(a, jnp.float32) for a in arrays), ids)
+
+
+def linear_loss(f, w, b, a, y, **kw):
+  # 12 columns per device when the vocabulary is split 8 ways: blocks of 5 overlap at the end.
+  return jfocal.linear_softmax_focal_loss(f, w, y, bias=b, alpha=a, gamma=2.0,
+                                          label_smoothing=0.1, z_loss=1e-3, ignore_index=-100,
+                                          reduction="mean", block_size=5, **kw)
+
+
+linear_value_and_grads = jax.value_and_grad(linear_loss, argnums=(0, 1, 2, 3))
+
+
+def test_linear_loss_with_tokens_sharded_under_jit_equals_one_device():
+  problem = linear_problem()
+  expected = jax.jit(linear_value_and_grads)(*problem)
+  mesh = jax.make_mesh((8,), ("tokens",))
+  tokens, replicated = NamedSharding(mesh, P("tokens")), NamedSharding(mesh, P())
+  placed = jax.device_put(problem, (tokens, replicated, replicated, replicated, tokens))
+  got = jax.jit(linear_value_and_grads)(*placed)
+  for value, want in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert_close(value, want, jnp.float32)
+
+
+@pytest.mark.parametrize("axes", [("vocab",), ("data", "vocab")])
+def test_shard_map_with_vocab_axis_name_equals_one_device(axes):
+  """The kernel, bias and alpha split by vocabulary columns (tensor parallelism), and the
+  tokens too over a second axis: the global loss, and each device's exact gradient."""
+  problem = linear_problem()
+  expected = jax.jit(linear_value_and_grads)(*problem)
+  data = "data" if "data" in axes else None
+  mesh = jax.make_mesh((8,) if data is None else (2, 4), axes)
+  token_spec = P(data)
+  specs = (token_spec, P(None, "vocab"), P("vocab"), P("vocab"), token_spec)
+  per_device = functools.partial(linear_value_and_grads, vocab_axis_name="vocab", axis_name=data)
+  mapped = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=specs,
+                                 out_specs=(P(), specs[:4])))
+  got = mapped(*jax.device_put(problem, tuple(NamedSharding(mesh, s) for s in specs)))
+  for value, want in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+    assert_close(value, want, jnp.float32)
