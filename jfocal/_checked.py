@@ -96,6 +96,8 @@ def checked(loss_fn: Callable[P, R], *, finite_logits: bool = False) -> Callable
 def _require(ok: jax.Array, values: jax.Array, name: str, expected: str) -> None:
   """checkify.check that `ok` holds everywhere, reporting the first offending entry."""
   ok, values = jnp.broadcast_arrays(ok, values)
+  if ok.size == 0:  # nothing to check (an empty batch, or no classes)
+    return
   first = jnp.argmax(~ok.ravel())
   index = jnp.stack(jnp.unravel_index(first, ok.shape)) if ok.ndim else jnp.zeros((0,), int)
   checkify.check(jnp.all(ok), f"{name}: {expected}; first offending index {{index}} holds "

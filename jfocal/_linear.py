@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jfocal._softmax import focal_term
-from jfocal.engine import checks, numerics, reduce as reducing, vocab
+from jfocal.engine import checks, numerics, reduce as reducing, softmax, vocab
 from jfocal.engine.program import program
 from jfocal.engine.types import ArrayLike, AxisName, Normalizer, Parameter, Reduction
 
@@ -89,13 +89,8 @@ def _streamed_loss(features: Any, kernel: Any, labels: Any, *, bias: Any, alpha:
   weights = None if weights is None else checks.check_weights(weights, tokens)
 
   shards = 1 if vocab_axis_name is None else jax.lax.axis_size(vocab_axis_name)
-  ids, ignore_index = checks.wide_ids(labels, ignore_index)
-  in_range = (ids >= 0) & (ids < local_vocab * shards)
-  invalid = ~in_range
-  if ignore_index is not None:
-    ignored = ids == ignore_index
-    invalid = invalid & ~ignored
-    mask = reducing.both(mask, ~ignored)
+  ids, in_range, invalid, mask = softmax.class_ids(labels, ignore_index, local_vocab * shards,
+                                                   mask)
   if mask is not None:
     invalid = invalid & mask
   counted = in_range if mask is None else in_range & mask
@@ -110,8 +105,8 @@ def _streamed_loss(features: Any, kernel: Any, labels: Any, *, bias: Any, alpha:
   z_loss = checks.parameter(z_loss, "z_loss")
   ops = vocab.Operands(features.reshape(-1, features.shape[-1]), kernel, bias, alpha,
                        gamma_array, jnp.asarray(z_loss, dtype))
-  config = vocab.Config(term, linear, static_gamma is None, label_smoothing, block_size, vocab_axis_name, name,
-                        materialised)
+  config = vocab.Config(term, linear, static_gamma is None, label_smoothing, block_size,
+                        vocab_axis_name, name, materialised)
   loss = vocab.loss(ops, ids.reshape(-1), config=config, dtype=dtype).reshape(tokens)
   loss = reducing.weigh(loss, weights=weights, mask=mask, invalid=invalid)
   return reducing.reduce(loss, mask=mask, positives=jnp.sum(counted), reduction=reduction,

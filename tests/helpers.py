@@ -32,7 +32,7 @@ REFERENCE_DEVICE = jax.devices("cpu")[0]
 # suite's faster CPU settings (conftest.py), kept here also under
 # JFOCAL_TEST_DEFAULT_COMPILER. Only the oracle is compiled at -O0, which rounds
 # differently from -O2: the implementation under test gets the suite's settings, which
-# give XLA's default bits.
+# give XLA's default results (bitwise, but for 1 ulp on AVX-512 CPUs: test_references.py).
 REFERENCE_COMPILER_OPTIONS = {**SUITE_XLA_OPTIONS, "xla_backend_optimization_level": 0,
                               "xla_llvm_disable_expensive_passes": True}
 

@@ -1,6 +1,7 @@
 """Defined answers at the edges of the domain: infinite, NaN, odd dtypes, recompilation.
 
-Empty and all-masked inputs are properties of the fuzz campaign (tests/test_fuzz.py)."""
+Empty and all-masked inputs are properties of the fuzz campaign (tests/test_fuzz.py);
+a softmax over no classes is here."""
 
 import jax
 import jax.numpy as jnp
@@ -161,3 +162,24 @@ def test_eager_calls_compile_once_per_static_configuration():
     assert len(compiles) == 1, "a new gamma specialises the program: one compilation"
   finally:
     jax.monitoring.unregister_event_duration_listener(count_backend_compiles)
+
+
+@pytest.mark.parametrize("mode", ["eager", "jit"])
+@pytest.mark.parametrize("name", registry.SOFTMAX)
+def test_softmax_over_no_classes_is_the_empty_sum(name, mode):
+  """Dense targets over zero classes: the loss is the empty sum, 0 (as optax's, whose own
+  test reaches it when a random mask keeps no class), and such rows count as masked, so
+  every reduction is 0 and the gradient is empty; class ids cannot be valid and raise."""
+  loss = registry.LOSSES[name]
+  logits, targets = np.zeros((3, 0), np.float32), np.zeros((3, 0), np.float32)
+  def call(x, y, reduction="none"):
+    run = (lambda x, y: loss(x, y, reduction=reduction))
+    return (run if mode == "eager" else jax.jit(run))(x, y)
+
+  np.testing.assert_array_equal(call(logits, targets), np.zeros(3, np.float32))
+  for reduction in ("sum", "mean"):
+    assert call(logits, targets, reduction=reduction) == 0
+  grad = jax.grad(lambda x: call(x, targets, reduction="mean"))(logits)
+  assert grad.shape == (3, 0)
+  with pytest.raises(ValueError, match=r"class ids need at least one class.*\(3, 0\)"):
+    call(logits, np.zeros(3, np.int32))

@@ -106,9 +106,10 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
       classes = jnp.broadcast_to(checks.check_mask(where, logits.shape, "the logits' shape"),
                                  logits.shape)
   num_classes = math.prod(logits.shape[a] for a in axes)
-  if num_classes == 0:
-    raise ValueError(f"softmax losses need at least one class; logits of shape "
-                     f"{logits.shape} have none along axis {axis}")
+  if num_classes == 0 and integer:
+    raise ValueError(f"class ids need at least one class; logits of shape {logits.shape} "
+                     f"have none along axis {axis}, so no id is valid (dense targets of "
+                     "no class give the empty sum, 0)")
   if len(axes) > 1:
     logits = _classes_last(logits, axes)
     labels = labels if integer else _classes_last(labels, axes)
@@ -119,19 +120,17 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
   if where is not None and classes is None:
     mask = jnp.broadcast_to(checks.check_mask(where, shape), shape)
+  if num_classes == 0:
+    # As optax: the loss over no classes is the empty sum; such a row counts as
+    # masked, as one whose classes a per-logit mask removes all of.
+    mask = jnp.zeros(shape, bool)
 
   x = logits.astype(dtype)
   ids = targets = kept = invalid = None
   if integer:
     checks.check_class_id_shape(labels, shape, "logits.shape without the class axis")
-    labels, ignore_index = checks.wide_ids(labels, ignore_index)
-    in_range = (labels >= 0) & (labels < num_classes)
-    invalid = ~in_range
-    if ignore_index is not None:
-      ignored = labels == ignore_index
-      invalid = invalid & ~ignored
-      mask = reducing.both(mask, ~ignored)
-    ids = jnp.where(in_range, labels, 0)
+    ids, in_range, invalid, mask = class_ids(labels, ignore_index, num_classes, mask)
+    ids = jnp.where(in_range, ids, 0)
     positive = in_range
     if classes is not None:
       kept = jnp.squeeze(jnp.take_along_axis(classes, jnp.expand_dims(ids, axis), axis), axis)
@@ -157,6 +156,25 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
   weights = None if weights is None else checks.check_weights(weights, shape)
   return SoftmaxInputs(x, axis, ids, targets, classes, kept, mask, invalid, weights,
                        jnp.sum(positive), label_smoothing, dtype, logits.dtype)
+
+
+def class_ids(labels: jax.Array, ignore_index: int | None, num_classes: Any,
+              mask: jax.Array | None
+              ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """``(ids, in_range, invalid, mask)`` of integer class ids in ``[0, num_classes)``.
+
+  ``ids`` are the labels widened (`checks.wide_ids`); ``invalid`` marks the
+  out-of-range ids that are not ``ignore_index`` (their loss is NaN), and the
+  ignored ones leave ``mask``.
+  """
+  ids, ignore_index = checks.wide_ids(labels, ignore_index)
+  in_range = (ids >= 0) & (ids < num_classes)
+  invalid = ~in_range
+  if ignore_index is not None:
+    ignored = ids == ignore_index
+    invalid = invalid & ~ignored
+    mask = reducing.both(mask, ~ignored)
+  return ids, in_range, invalid, mask
 
 
 @jax.custom_jvp
@@ -311,6 +329,10 @@ def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], 
   log-normaliser ``lse = log sum_c exp(x_c)``, from the same pass: its
   derivative ``2 z_loss lse softmax(x)`` reuses the softmax's numerators.
   """
+  if inputs.num_classes == 0:  # every row is masked (see `prepare`)
+    checked_alpha(alpha, inputs)
+    return jnp.zeros(inputs.x.shape[:inputs.axis] + inputs.x.shape[inputs.axis + 1:],
+                     inputs.dtype)
   normalizer = log_normalizer(inputs)
   loss = _class_terms(inputs, normalizer, term, alpha)
   z_loss = checks.parameter(z_loss, "z_loss")

@@ -63,8 +63,9 @@ from jfocal.engine.types import AxisName
 Term = Callable[[jax.Array, jax.Array], jax.Array]
 
 FORWARD_MODE = ("{name} streams the vocabulary under jax.custom_vjp and has reverse-mode "
-                "derivatives only (jax.grad, jax.vjp); jax.jvp, jax.jacfwd, jax.hessian and "
-                "jax.linearize need forward mode. For those, materialise the logits: "
+                "derivatives only (jax.grad, jax.vjp), not the forward mode of jax.jvp, "
+                "jax.jacfwd, jax.hessian or an applied jax.linearize. For those, materialise "
+                "the logits: "
                 "jfocal.{materialised}(features @ kernel + bias, labels, ...), which has exact "
                 "derivatives of every order")
 
@@ -161,11 +162,6 @@ def _target_weight(ops: Operands, local_ids: jax.Array, owned: jax.Array, dtype:
   return _psum(jnp.where(owned, weight, jnp.zeros((), dtype)), config)
 
 
-def _slope(term: Term, n: jax.Array, params: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(T(n), T'(n))`` from the term's own derivative rule."""
-  return jax.jvp(lambda n: term(n, params), (n,), (jnp.ones_like(n),))
-
-
 def _vary(value: Any, axes: frozenset[str]) -> Any:
   """``value`` cast (`jax.lax.pcast`) to vary over ``axes`` too; None stays None."""
   missing = () if value is None else tuple(sorted(axes - _varying(value)))
@@ -188,6 +184,12 @@ def _pull(config: Config, n: jax.Array, params: jax.Array,
     return value, pull(cotangent)[0], jnp.zeros_like(params)
   value, pull = jax.vjp(config.term, n, params)
   return (value, *pull(cotangent))
+
+
+def _slope(config: Config, n: jax.Array, params: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(T(n), T'(n))`` elementwise: `_pull` with unit cotangents."""
+  value, slope, _ = _pull(config, n, params, jnp.ones_like(n))
+  return value, slope
 
 
 def _statistics(ops: Operands, local_ids: jax.Array, owned: jax.Array, config: Config,
@@ -235,7 +237,7 @@ def _statistics(ops: Operands, local_ids: jax.Array, owned: jax.Array, config: C
   log_sum = jnp.log1p(rest * jnp.exp(top - shift) + jnp.expm1(x_t - shift))
   nll = log_sum - (x_t - shift)
   lse = shift + log_sum
-  value, slope = _slope(config.term, nll, ops.params)
+  value, slope = _slope(config, nll, ops.params)
   loss = target_weight * value
   spread = spread_slope = zeros
   if eps:
@@ -245,7 +247,7 @@ def _statistics(ops: Operands, local_ids: jax.Array, owned: jax.Array, config: C
       def pass2(i, carry):
         block = _block(ops, i, size, dtype)
         a = jnp.where(block.fresh, _block_alpha(ops, block, dtype), 0)
-        t, slope = _slope(config.term, lse[:, None] - block.x, ops.params)
+        t, slope = _slope(config, lse[:, None] - block.x, ops.params)
         return carry[0] + jnp.sum(a * t, axis=1), carry[1] + jnp.sum(a * slope, axis=1)
       spread, spread_slope = _loop(count, pass2, (zeros, zeros), ops)
       spread, spread_slope = _psum(spread, config), _psum(spread_slope, config)
