@@ -8,16 +8,27 @@ STAMP := $(VENV)/.installed
 # minutes of wall time against 15.0 with two workers, for the same CPU time.
 PYTEST_ARGS ?= -n 3
 
-.PHONY: test fuzz demo demo-classify notebooks bench clean
+.PHONY: test lint docs fuzz demo demo-classify notebooks bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,demo,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[test,demo,bench,docs,lint]'
 	touch $(STAMP)
 
-test: $(STAMP)
+# The suite also builds the documentation site (tests/test_docs_site.py) and installs the
+# wheel into a fresh virtual environment (tests/test_packaging.py).
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff's lint rules and pyright's standard mode (pyproject.toml) over the package.
+lint: $(STAMP)
+	$(BIN)/ruff check jfocal
+	$(BIN)/pyright jfocal
+
+# The HTML site in docs/_build/html; warnings are errors.
+docs: $(STAMP)
+	$(BIN)/sphinx-build -W --keep-going -q -b html docs docs/_build/html
 
 # The property tests of tests/test_fuzz.py with 500 random examples each.
 fuzz: $(STAMP)
@@ -42,4 +53,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis docs/_build dist

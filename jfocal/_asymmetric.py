@@ -112,10 +112,10 @@ def asymmetric_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: ja
   The hyper-parameters are the arrays of `jfocal.engine.numerics.split` and
   their static values (or None); ``detach_focusing`` only changes the derivatives.
   """
-  gamma_pos, gamma_neg = (numerics.pick(gamma_pos, static_gamma_pos),
-                          numerics.pick(gamma_neg, static_gamma_neg))
+  g_pos, g_neg = (numerics.pick(gamma_pos, static_gamma_pos),
+                  numerics.pick(gamma_neg, static_gamma_neg))
   a = _shifted(x, y, numerics.pick(clip, static_clip))
-  return numerics.fence(factor * _weight(a, _exponent(y, gamma_pos, gamma_neg)) * a.ce)
+  return numerics.fence(factor * _weight(a, _exponent(y, g_pos, g_neg)) * a.ce)
 
 
 @functools.partial(asymmetric_term.defjvp, symbolic_zeros=True)
@@ -137,6 +137,7 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
     weight = jax.lax.stop_gradient(weight)
   focusing = not detach_focusing and not (numerics.is_static_zero(gamma_pos)
                                           and numerics.is_static_zero(gamma_neg))
+  ratio: jax.Array | float = 0.0  # read only where focusing
   if focusing:
     safe_m = jnp.where(a.m > 0, a.m, 1)
     ratio = jnp.where(~a.shifted | (y == 1), _neg_log1m_over(a.q, a.a),
@@ -266,7 +267,7 @@ def asymmetric_loss(logits: ArrayLike, labels: ArrayLike, *, gamma_pos: Paramete
   parameters = [numerics.split(checks.parameter(value, name), inputs.dtype)
                 for name, value in (("gamma_pos", gamma_pos), ("gamma_neg", gamma_neg),
                                     ("clip", clip))]
-  arrays, statics = zip(*parameters)
+  arrays, statics = zip(*parameters, strict=True)
   value = asymmetric_term(x, inputs.y, factor, *arrays, *statics, bool(detach_focusing))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from typing import Any, Callable, ParamSpec, TypeVar
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
+from jax.core import Tracer
 from jax.experimental import checkify
 
 from jfocal.engine.program import REGISTRY, LossInfo
@@ -84,7 +86,7 @@ def checked(loss_fn: Callable[P, R], *, finite_logits: bool = False) -> Callable
       return loss_fn(*args, **kwargs)
 
     error, loss = checkify.checkify(checked_call)()
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(error)):
+    if any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(error)):
       jax.debug.callback(lambda concrete: concrete.throw(), error)
     else:
       error.throw()

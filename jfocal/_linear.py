@@ -99,7 +99,7 @@ def _streamed_loss(features: Any, kernel: Any, labels: Any, *, bias: Any, alpha:
   features = jnp.where(counted[..., None], features, jnp.zeros((), features.dtype))
   ids = jnp.where(counted, ids, 0)
   gamma_array, static_gamma = numerics.split(checks.parameter(gamma, "gamma"), dtype)
-  linear = numerics.is_static_zero(static_gamma)
+  linear = numerics.is_static_zero(numerics.pick(gamma_array, static_gamma))
   term = (_cross_entropy_term if linear
           else functools.partial(focal_term, static_gamma=static_gamma))
   z_loss = checks.parameter(z_loss, "z_loss")

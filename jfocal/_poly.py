@@ -35,8 +35,8 @@ from jfocal.engine.program import program
 from jfocal.engine.types import ArrayLike, AxisName, Normalizer, Parameter, Reduction
 
 
-def _poly1_value(f: sigmoid.Folded, factor: jax.Array, alpha_t: jax.Array, epsilon: jax.Array,
-                 weight: jax.Array) -> jax.Array:
+def _poly1_value(f: sigmoid.Folded, factor: jax.Array | float, alpha_t: jax.Array,
+                 epsilon: jax.Array, weight: jax.Array) -> jax.Array:
   focal = numerics.zero_removes(alpha_t, weight * f.cross_entropy)
   return factor * (focal + epsilon * (weight * f.one_minus_p_t))
 

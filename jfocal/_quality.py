@@ -82,6 +82,9 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
   direction = jnp.sign(delta)
   exponent = numerics.integer_exponent(beta)
   focusing = not numerics.is_static_zero(beta)
+  # Read only where focusing (an integer exponent is a positive beta).
+  slope_z: jax.Array | float = 0.0
+  slope_u: jax.Array | float = 0.0
   if exponent is not None:
     # beta sign(delta) |delta|**(beta - 1) is the polynomial beta delta**(beta - 1)
     # (times sign(delta) for odd beta): exact second derivatives, also at delta = 0.
@@ -121,8 +124,8 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
   return value, tangent
 
 
-def _varifocal_value(f: sigmoid.Folded, q: jax.Array, factor: jax.Array, alpha: jax.Array,
-                     weight: jax.Array, iou_weighted: bool) -> jax.Array:
+def _varifocal_value(f: sigmoid.Folded, q: jax.Array, factor: jax.Array | float,
+                     alpha: jax.Array, weight: jax.Array, iou_weighted: bool) -> jax.Array:
   positive = q * f.cross_entropy if iou_weighted else f.cross_entropy
   # With q = 0 the folded weight is sigmoid(x)**gamma; a zero alpha removes an
   # infinite negative but keeps a NaN.

@@ -88,6 +88,7 @@ def _focal_term_jvp(static_gamma, primals, tangents):
     numerator = weight * jnp.where(near_one, series_slope, one_minus_p + gamma * p_n)
     tangent = tangent + numerator / jnp.where(near_one, 1, one_minus_p) * n_dot
   if not isinstance(gamma_dot, SymbolicZero):
+    assert log_base is not None  # a tangent for gamma: a traced gamma, with its log_base
     # d/dgamma (1 - p)**gamma = (1 - p)**gamma log(1 - p), 0 where p = 1.
     tangent = tangent + numerics.times_log(weight, log_base) * n * gamma_dot
   return value, tangent

@@ -19,18 +19,21 @@
 # `jax.vmap` over anchors and images, under `jax.jit`. This notebook shows
 #
 # 1. a jitted optax training step (clipping, AdamW, warm-up) with a focal loss,
-# 2. a per-anchor loss vmapped over anchors and images, and why it equals the batched call,
-# 3. masks (`where`, `ignore_index`) for padding and ignored anchors,
-# 4. the normalisers: mean over elements, `normalizer="num_positives"`, a fixed number.
+# 2. the same step in Flax, written with `flax.nnx` and with `flax.linen`,
+# 3. a per-anchor loss vmapped over anchors and images, and why it equals the batched call,
+# 4. masks (`where`, `ignore_index`) for padding and ignored anchors,
+# 5. the normalisers: mean over elements, `normalizer="num_positives"`, a fixed number.
 
 # %%
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
+from flax import nnx
 
 import jfocal
 
@@ -91,7 +94,114 @@ ax.set(xlabel="step", ylabel="focal loss / #positives", yscale="log")
 plt.show()
 
 # %% [markdown]
-# ## 2. Vmapped per-anchor losses
+# ## 2. The same step in Flax NNX and in Flax linen
+#
+# In Flax the jfocal call does not change; what changes is who holds the parameters and the
+# optimiser state. The classifier gets a hidden layer of 16 ReLU units and is written twice,
+# trained on the same data with the same optax chain:
+#
+# * **NNX** (`flax.nnx`, which `examples/retinanet` uses): the model is an object that owns its
+#   parameters, `nnx.Optimizer(model, optimizer, wrt=nnx.Param)` owns the optax state, and
+#   under `nnx.jit` the step takes `nnx.value_and_grad` with respect to the model's
+#   `nnx.Param`s and calls `optimizer.update(model, grads)`, which updates both in place;
+# * **linen** (`flax.linen`, still what many codebases use): the module is a stateless
+#   description, `init` returns the parameters as a nested dict, `apply` runs the network, and
+#   the step is the one of section 1 with `apply` in place of the matrix product.
+#
+# The two APIs have the same default initialisers (LeCun normal kernels, zero biases; here the
+# output bias at the prior), but they draw different numbers from the same seed. So that both
+# runs start from the same point, the NNX model takes linen's initial parameters:
+# `nnx.update` accepts linen's nested dict as it is, since the attribute names of the NNX
+# model are the names of the linen submodules.
+
+# %%
+HIDDEN = 16
+
+
+def focal_loss(logits, class_ids):
+  return jfocal.sigmoid_focal_loss(logits, class_ids, alpha=0.25, gamma=2.0,
+                                   reduction="mean", normalizer="num_positives")
+
+
+# %% [markdown]
+# ### NNX
+
+# %%
+class NNXClassifier(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.hidden = nnx.Linear(FEATURES, HIDDEN, rngs=rngs)
+    self.out = nnx.Linear(HIDDEN, NUM_CLASSES, bias_init=jfocal.prior_bias_init(0.01),
+                          rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.relu(self.hidden(x)))
+
+
+@nnx.jit
+def nnx_train_step(model, nnx_optimizer, features, class_ids):
+  loss, grads = nnx.value_and_grad(lambda model: focal_loss(model(features), class_ids))(model)
+  nnx_optimizer.update(model, grads)  # the new parameters and optax state, in place
+  return loss
+
+
+# %% [markdown]
+# ### linen
+
+# %%
+class LinenClassifier(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Dense(HIDDEN, name="hidden")(x))
+    return nn.Dense(NUM_CLASSES, bias_init=jfocal.prior_bias_init(0.01), name="out")(x)
+
+
+linen_model = LinenClassifier()
+
+
+@jax.jit
+def linen_train_step(params, state, features, class_ids):
+  def loss_of(params):
+    return focal_loss(linen_model.apply({"params": params}, features), class_ids)
+
+  loss, grads = jax.value_and_grad(loss_of)(params)
+  updates, state = optimizer.update(grads, state, params)
+  return optax.apply_updates(params, updates), state, loss
+
+
+# %% [markdown]
+# ### Both, from the same start
+
+# %%
+linen_params = linen_model.init(jax.random.key(0), features[:1])["params"]
+nnx_model = NNXClassifier(rngs=nnx.Rngs(0))
+print("same seed, same initial kernels:",
+      bool(jnp.array_equal(nnx_model.hidden.kernel[...], linen_params["hidden"]["kernel"])))
+nnx.update(nnx_model, linen_params)
+nnx_optimizer = nnx.Optimizer(nnx_model, optimizer, wrt=nnx.Param)
+linen_state = optimizer.init(linen_params)
+trajectories = {"NNX": [], "linen": []}
+for _ in range(200):
+  trajectories["NNX"].append(float(nnx_train_step(nnx_model, nnx_optimizer, features, class_ids)))
+  linen_params, linen_state, linen_loss = linen_train_step(linen_params, linen_state, features,
+                                                           class_ids)
+  trajectories["linen"].append(float(linen_loss))
+nnx_losses, linen_losses = np.asarray(trajectories["NNX"]), np.asarray(trajectories["linen"])
+print(f"NNX   loss {nnx_losses[0]:.4f} -> {nnx_losses[-1]:.4f}\n"
+      f"linen loss {linen_losses[0]:.4f} -> {linen_losses[-1]:.4f}\n"
+      f"max relative difference over the 200 steps: "
+      f"{np.max(np.abs(nnx_losses - linen_losses) / linen_losses):.1e}")
+trained = nnx.to_pure_dict(nnx.state(nnx_model, nnx.Param))  # linen's layout: nested dicts
+print("max |parameter difference| after training:", max(jax.tree.leaves(jax.tree.map(
+    lambda a, b: float(jnp.max(jnp.abs(a - b))), trained, linen_params))))
+fig, ax = plt.subplots(figsize=(5, 3))
+ax.plot(nnx_losses, label="NNX")
+ax.plot(linen_losses, "--", label="linen")
+ax.set(xlabel="step", ylabel="focal loss / #positives", yscale="log")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# ## 3. Vmapped per-anchor losses
 #
 # Detectors are often written per image (matching, targets and loss for one image) and
 # `jax.vmap`ped over the batch; some write the loss per anchor. With integer class ids a
@@ -132,7 +242,7 @@ print("max |gradient difference|:", max(float(jnp.max(jnp.abs(grad_vmapped[k] - 
                                       for k in params))
 
 # %% [markdown]
-# ## 3. Masks: ignored anchors and padding
+# ## 4. Masks: ignored anchors and padding
 #
 # Anchors between the IoU thresholds are *ignored*: they contribute neither loss nor gradient.
 # Mark them with an id and pass it as `ignore_index`, or pass a boolean mask as `where` (a
@@ -158,7 +268,7 @@ print("gradient on ignored anchors:", float(jnp.max(jnp.abs(grad_masked[:, :50])
       "| finite elsewhere:", bool(jnp.all(jnp.isfinite(grad_masked[:, 50:]))))
 
 # %% [markdown]
-# ## 4. Normalisers
+# ## 5. Normalisers
 #
 # `reduction="mean"` divides the (weighted, masked) sum by a normaliser:
 #

@@ -14,13 +14,18 @@
 # %% [markdown]
 # # A tiny RetinaNet on handwritten digits
 #
-# `examples/retinanet` is a small but complete dense detector in Flax: a compact conv
+# `examples/retinanet` is a small but complete dense detector in Flax NNX: a compact conv
 # backbone, a two-level FPN (strides 4 and 8), shared classification and box subnets whose
 # classification bias starts at `jfocal.prior_bias_init(0.01)`, 9 anchors per position, IoU
 # matching (foreground ≥ 0.5, background < 0.4, ignored in between), the (dx, dy, dw, dh) box
 # coder, a jfocal loss vmapped over the images and normalised by the positive anchors,
 # class-wise NMS and COCO evaluation with pycocotools. `make demo` trains it three times;
 # here we train it briefly with cross-entropy and with focal loss and look at what it finds.
+#
+# The network is an `nnx.Module` that owns its parameters: `detector.init(seed)` builds one,
+# `model(images)` returns the class logits and box deltas, and training updates it in place
+# (`nnx.Optimizer` with optax, an `nnx.jit` step); `detector.detect(model, images)` runs it
+# and the post-processing.
 #
 # Set `JFOCAL_NOTEBOOK_BUDGET=small` for the test suite's quick run (the numbers are then
 # those of a barely trained detector).
@@ -81,8 +86,9 @@ plt.show()
 # %% [markdown]
 # ## Train with cross-entropy and with focal loss
 #
-# Same initialisation, same batches, same optimiser (`optax.chain(clip_by_global_norm,
-# adamw)` with warm-up and cosine decay); only the classification loss differs.
+# Same initialisation, same batches, same optimiser (an `nnx.Optimizer` of
+# `optax.chain(clip_by_global_norm, adamw)` with warm-up and cosine decay); only the
+# classification loss differs. `train` returns the trained model and the loss history.
 
 # %%
 losses = classification_losses()
@@ -91,7 +97,7 @@ results, detections, rows = {}, {}, []
 for key in ("ce", "focal"):
   name, loss = losses[key]
   results[name] = train(detector, loss, train_set, config, progress=False)
-  detections[name] = detector.detect(results[name].params, val_set.images)
+  detections[name] = detector.detect(results[name].model, val_set.images)
   metrics = evaluate(val_set, detections[name])
   rows.append({"loss": name, **metrics, "seconds": results[name].seconds,
                "final_loss": float(np.mean(results[name].history["loss"][-20:]))})
@@ -120,9 +126,9 @@ positive_logit = jax.nn.one_hot(targets, detector.num_classes) > 0
 considered = (targets >= 0)[..., None]  # ignored anchors have no loss
 for key in ("ce", "focal"):
   name, loss = losses[key]
-  for when, params in (("at init", detector.init(config.seed)),
-                       ("trained", results[name].params)):
-    logits, _ = detector.model.apply(params, jnp.asarray(batch.images))
+  for when, model in (("at init", detector.init(config.seed)),
+                      ("trained", results[name].model)):
+    logits, _ = model(jnp.asarray(batch.images))
     per_logit = loss.func(logits, targets, **{**loss.keywords, "reduction": "none"})
     easy = ~positive_logit & considered & (jax.nn.sigmoid(logits) < 0.1)
     hard = ~positive_logit & considered & ~easy

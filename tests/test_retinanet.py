@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from examples.retinanet import boxes as box_ops
 from examples.retinanet import data as data_lib
@@ -60,8 +61,8 @@ def test_anchor_shapes_follow_scales_and_aspect_ratios():
 
 def test_model_outputs_one_prediction_per_anchor():
   detector = Detector()
-  params = detector.init(0)
-  logits, deltas = detector.model.apply(params, jnp.zeros((2, 64, 64, 1)))
+  model = detector.init(0)
+  logits, deltas = model(jnp.zeros((2, 64, 64, 1)))
   assert logits.shape == (2, len(detector.anchors), 10)
   assert deltas.shape == (2, len(detector.anchors), 4)
 
@@ -73,7 +74,7 @@ def test_detector_rejects_anchors_that_do_not_fit_the_pyramid():
 
 def test_classification_bias_starts_at_the_prior():
   detector = Detector()
-  logits, deltas = detector.model.apply(detector.init(0), jnp.zeros((1, 64, 64, 1)))
+  logits, deltas = detector.init(0)(jnp.zeros((1, 64, 64, 1)))
   # A blank image leaves only the biases: every anchor says "foreground with probability 0.01".
   np.testing.assert_allclose(jax.nn.sigmoid(logits), 0.01, rtol=1e-5)
   np.testing.assert_array_equal(deltas, 0)
@@ -315,12 +316,12 @@ def test_one_train_step_lowers_the_loss(small_sets):
   batch = train_set.take(slice(0, 8))
   _, loss = classification_losses()["focal"]
   # No warm-up: the schedule's first learning rate would be 0.
-  optimizer = make_optimizer(TrainConfig(warmup_steps=0, learning_rate=1e-3))
-  step = make_train_step(detector, loss, optimizer)
-  params = detector.init(0)
-  state = optimizer.init(params)
-  params, state, before = step(params, state, batch.images, batch.boxes, batch.classes)
-  _, _, after = step(params, state, batch.images, batch.boxes, batch.classes)
+  step = make_train_step(detector, loss)
+  model = detector.init(0)
+  optimizer = nnx.Optimizer(model, make_optimizer(TrainConfig(warmup_steps=0, learning_rate=1e-3)),
+                            wrt=nnx.Param)
+  before = step(model, optimizer, batch.images, batch.boxes, batch.classes)  # updates both
+  after = step(model, optimizer, batch.images, batch.boxes, batch.classes)
   assert float(after["loss"]) < float(before["loss"])
   assert float(after["classification"]) < float(before["classification"])
 

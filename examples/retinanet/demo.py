@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     run_start = time.perf_counter()
     result = train(detector, loss, train_set, config, description=name,
                    progress=not args.no_progress)
-    found = detector.detect(result.params, val_set.images)
+    found = detector.detect(result.model, val_set.images)
     metrics = evaluate(val_set, found)
     histories[name], detections[name] = result.history, found
     rows.append({"loss": name, **metrics, "seconds": time.perf_counter() - run_start,

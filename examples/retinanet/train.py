@@ -1,20 +1,21 @@
-"""Training with optax: gradient clipping, AdamW, linear warm-up and cosine decay, a jitted step."""
+"""Training in Flax NNX with optax: clipping, AdamW, warm-up and cosine decay, an `nnx.jit` step."""
 
 from __future__ import annotations
 
 import dataclasses
 import time
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import numpy as np
 import optax
+from flax import nnx
 from tqdm import tqdm
 
 from examples.retinanet.data import DetectionSet
 from examples.retinanet.detector import Detector
 from examples.retinanet.losses import ClassificationLoss
+from examples.retinanet.model import RetinaNet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
-  params: Any
+  model: RetinaNet  # the trained model
   history: dict[str, np.ndarray]  # "loss", "classification", "box": one value per step
   seconds: float  # wall time of the whole run, compilation included
 
@@ -51,28 +52,31 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
-TrainStep = Callable[[Any, optax.OptState, jax.Array, jax.Array, jax.Array],
-                     tuple[Any, optax.OptState, dict[str, jax.Array]]]
+TrainStep = Callable[[RetinaNet, nnx.Optimizer, jax.Array, jax.Array, jax.Array],
+                     dict[str, jax.Array]]
 
 
-def make_train_step(detector: Detector, classification_loss: ClassificationLoss,
-                    optimizer: optax.GradientTransformation) -> TrainStep:
-  """The jitted step ``(params, state, images, gt_boxes, gt_classes) -> (params, state, metrics)``.
+def make_train_step(detector: Detector, classification_loss: ClassificationLoss) -> TrainStep:
+  """The compiled step ``(model, optimizer, images, gt_boxes, gt_classes) -> metrics``.
 
-  Targets are assigned inside the step (matching is cheap next to the network),
-  so a batch is just images and padded ground truth. ``metrics`` holds the loss
-  before the update and its parts.
+  ``optimizer`` is an `nnx.Optimizer` over the `nnx.Param` variables of
+  ``model``; the step updates both in place (`nnx.jit` writes the new
+  parameters and optimiser state back into the objects). Targets are assigned
+  inside the step (matching is cheap next to the network), so a batch is just
+  images and padded ground truth. ``metrics`` holds the loss before the update
+  and its parts.
   """
 
-  @jax.jit
-  def step(params: Any, state: optax.OptState, images: jax.Array, gt_boxes: jax.Array,
-           gt_classes: jax.Array) -> tuple[Any, optax.OptState, dict[str, jax.Array]]:
-    def loss_fn(params: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-      return detector.loss(params, images, gt_boxes, gt_classes, classification_loss)
+  @nnx.jit
+  def step(model: RetinaNet, optimizer: nnx.Optimizer, images: jax.Array, gt_boxes: jax.Array,
+           gt_classes: jax.Array) -> dict[str, jax.Array]:
+    def loss_fn(model: RetinaNet) -> tuple[jax.Array, dict[str, jax.Array]]:
+      return detector.loss(model, images, gt_boxes, gt_classes, classification_loss)
 
-    (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, {"loss": loss, **parts}
+    # Gradients with respect to the model's `nnx.Param`s, the variables the optimiser updates.
+    (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
+    optimizer.update(model, grads)
+    return {"loss": loss, **parts}
 
   return step
 
@@ -85,22 +89,21 @@ def train(detector: Detector, classification_loss: ClassificationLoss, data: Det
   The progress bar shows the step, the loss (every 10 steps, to keep the
   device busy) and the speed.
   """
-  optimizer = make_optimizer(config)
-  step = make_train_step(detector, classification_loss, optimizer)
+  step = make_train_step(detector, classification_loss)
   start = time.perf_counter()
-  params = detector.init(config.seed)
-  state = optimizer.init(params)
+  model = detector.init(config.seed)
+  optimizer = nnx.Optimizer(model, make_optimizer(config), wrt=nnx.Param)
   rng = np.random.default_rng(config.seed)
   history: dict[str, list[jax.Array]] = {"loss": [], "classification": [], "box": []}
   bar = tqdm(range(config.steps), desc=description, disable=not progress, unit="step",
              dynamic_ncols=True)
   for step_index in bar:
     batch = data.take(rng.choice(len(data), config.batch_size, replace=False))
-    params, state, metrics = step(params, state, batch.images, batch.boxes, batch.classes)
+    metrics = step(model, optimizer, batch.images, batch.boxes, batch.classes)
     for name, values in history.items():
       values.append(metrics[name])
     if step_index % 10 == 0 or step_index == config.steps - 1:
       bar.set_postfix(loss=f"{float(metrics['loss']):.4f}")
   history_arrays = {name: np.asarray(jax.device_get(values), np.float32)
                     for name, values in history.items()}
-  return TrainResult(params, history_arrays, time.perf_counter() - start)
+  return TrainResult(model, history_arrays, time.perf_counter() - start)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 REDUCTIONS = ("none", "sum", "mean")
 NUM_POSITIVES = "num_positives"
@@ -101,7 +103,7 @@ def result_float(dtype: Any) -> np.dtype:
 
 
 def is_concrete(value: Any) -> bool:
-  return not isinstance(value, jax.core.Tracer)
+  return not isinstance(value, Tracer)
 
 
 def check_bounds(value: Any, name: str, bound: Bound) -> None:
@@ -140,7 +142,7 @@ def static_number(value: Any, name: str, bound: Bound = FINITE) -> float:
 
 
 def require_static(value: Any, name: str) -> None:
-  if isinstance(value, jax.core.Tracer):
+  if isinstance(value, Tracer):
     raise TypeError(
         f"{name} must be a static Python value because it specialises the compiled "
         f"code; got a traced array {value.aval}. Pass it as a Python value, or mark it "

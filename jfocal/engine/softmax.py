@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,13 +111,13 @@ def prepare(logits: Any, labels: Any, *, axis: Any, weights: Any, where: Any,
     raise ValueError(f"class ids need at least one class; logits of shape {logits.shape} "
                      f"have none along axis {axis}, so no id is valid (dense targets of "
                      "no class give the empty sum, 0)")
-  if len(axes) > 1:
+  if len(axes) == 1:  # `_class_axes` names at least one axis
+    axis = axes[0]
+  else:
     logits = _classes_last(logits, axes)
     labels = labels if integer else _classes_last(labels, axes)
     classes = None if classes is None else _classes_last(classes, axes)
     axis = logits.ndim - 1
-  else:
-    axis = axes[0]
   shape = logits.shape[:axis] + logits.shape[axis + 1:]
   if where is not None and classes is None:
     mask = jnp.broadcast_to(checks.check_mask(where, shape), shape)
@@ -365,6 +366,7 @@ def _class_terms(inputs: SoftmaxInputs, normalizer: LogNormalizer,
 
   if inputs.ids is None:
     targets = inputs.targets
+    assert targets is not None  # `prepare` gives dense targets where there are no ids
     if eps:
       targets = reducing.smooth(targets, eps, choices if classes is None
                                 else jnp.expand_dims(choices, axis))

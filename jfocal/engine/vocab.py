@@ -49,7 +49,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -343,6 +344,7 @@ def _streamed_bwd(config, dtype, saved, g):
           None if ops.alpha is None else jnp.zeros_like(ops.alpha, dtype=dtype), d_params)
   d_features, d_kernel, d_bias, d_alpha, d_params = _loop(count, backward, init, ops)
   if d_alpha is not None:  # the target's (1 - eps) g T(n_t), at its column
+    assert ops.alpha is not None  # d_alpha is the gradient of ops.alpha
     d_alpha = d_alpha.at[jnp.where(owned, local_ids, 0)].add(
         jnp.where(owned, g * (1 - eps) * value_t, 0),
         out_sharding=jax.typeof(d_alpha).sharding).astype(ops.alpha.dtype)
