@@ -185,11 +185,10 @@ def linear_softmax_cross_entropy(features: ArrayLike, kernel: ArrayLike, labels:
     float32 scalar (float64 for float64 inputs).
 
   Raises:
-    TypeError: under ``jax.jvp``, ``jax.jacfwd`` or ``jax.hessian``: the
-      derivatives are reverse-mode only (``jax.grad``, ``jax.vjp``). Use
-      :func:`jfocal.softmax_cross_entropy` of ``features @ kernel + bias``
-      for forward mode. (``jax.linearize`` succeeds; JAX raises when its
-      linear function is applied.)
+    TypeError: under ``jax.jvp``, ``jax.jacfwd``, ``jax.hessian`` or
+      ``jax.linearize``: the derivatives are reverse-mode only (``jax.grad``,
+      ``jax.vjp``). Use :func:`jfocal.softmax_cross_entropy` of
+      ``features @ kernel + bias`` for forward mode.
 
   Examples:
     >>> import jax, jax.numpy as jnp, jfocal
@@ -274,7 +273,8 @@ def linear_softmax_focal_loss(features: ArrayLike, kernel: ArrayLike, labels: Ar
     As :func:`jfocal.linear_softmax_cross_entropy`.
 
   Raises:
-    TypeError: under forward-mode differentiation; use
+    TypeError: under forward-mode differentiation (``jax.jvp``,
+      ``jax.jacfwd``, ``jax.hessian``, ``jax.linearize``); use
       :func:`jfocal.softmax_focal_loss` of ``features @ kernel + bias``.
 
   Examples:

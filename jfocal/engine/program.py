@@ -30,10 +30,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, ParamSpec, TypeVar
 
 import jax
+from jax.core import Tracer
 
 from jfocal.engine import checks
 
@@ -65,6 +67,20 @@ class LossInfo:
 
 REGISTRY: dict[Callable[..., Any], LossInfo] = {}
 
+# `jax.linearize` traces a function exactly as `jax.vjp` does, and JAX reports a custom_vjp
+# under it only when the linear map is applied, from outside any jfocal frame; finding
+# jax.linearize's own frame on the stack is the one way to say so while tracing.
+_LINEARIZE_CODE = getattr(jax.linearize, "__wrapped__", jax.linearize).__code__
+
+
+def _inside_linearize() -> bool:
+  frame = sys._getframe(1)
+  while frame is not None:
+    if frame.f_code is _LINEARIZE_CODE:
+      return True
+    frame = frame.f_back
+  return False
+
 
 def program(*, family: Family, static: tuple[str, ...] = (),
             specialising: tuple[str, ...] = (),
@@ -76,7 +92,9 @@ def program(*, family: Family, static: tuple[str, ...] = (),
   ``labels`` names the labels argument (default: the second parameter; the
   first is always the one converted to an array, the logits or features).
   ``forward_mode_error``, for a loss with reverse-mode derivatives only,
-  replaces JAX's error under forward-mode differentiation.
+  replaces JAX's error under forward-mode differentiation, and is raised
+  under `jax.linearize` too (where JAX would raise only on applying the
+  linear map).
   """
   static_names = COMMON_STATIC | frozenset(static)
 
@@ -121,6 +139,9 @@ def program(*, family: Family, static: tuple[str, ...] = (),
           arrays[name] = value
       if forward_mode_error is None:
         return compiled(arrays, tuple(static_items))
+      if _inside_linearize() and any(isinstance(leaf, Tracer)
+                                     for leaf in jax.tree.leaves(arrays)):
+        raise TypeError(forward_mode_error)
       try:
         return compiled(arrays, tuple(static_items))
       except TypeError as error:

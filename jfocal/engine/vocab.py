@@ -65,7 +65,7 @@ Term = Callable[[jax.Array, jax.Array], jax.Array]
 
 FORWARD_MODE = ("{name} streams the vocabulary under jax.custom_vjp and has reverse-mode "
                 "derivatives only (jax.grad, jax.vjp), not the forward mode of jax.jvp, "
-                "jax.jacfwd, jax.hessian or an applied jax.linearize. For those, materialise "
+                "jax.jacfwd, jax.hessian or jax.linearize. For those, materialise "
                 "the logits: "
                 "jfocal.{materialised}(features @ kernel + bias, labels, ...), which has exact "
                 "derivatives of every order")
