@@ -58,8 +58,8 @@ PAGES = {
     "performance.html": ["Performance", "floor kernel"],
     "how_it_works.html": ["How it works", "fence", "folded frame", "custom_jvp"],
     "demo.html": ["RetinaNet", "AP50", "make demo"],
-  "development.html": ["make test", "make docs", "registry"],
-  "changelog.html": ["Changelog", "0.1.0"],
+    "development.html": ["make test", "make docs", "registry"],
+    "changelog.html": ["Changelog", "0.1.0"],
     "notebooks/index.html": ["Notebooks"],
 }
 NOTEBOOKS = sorted(path.stem for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
