@@ -139,8 +139,8 @@ def program(*, family: Family, static: tuple[str, ...] = (),
           arrays[name] = value
       if forward_mode_error is None:
         return compiled(arrays, tuple(static_items))
-      if _inside_linearize() and any(isinstance(leaf, Tracer)
-                                     for leaf in jax.tree.leaves(arrays)):
+      # The stack is walked only while tracing, not on every eager call.
+      if any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(arrays)) and _inside_linearize():
         raise TypeError(forward_mode_error)
       try:
         return compiled(arrays, tuple(static_items))

@@ -330,13 +330,13 @@ def example_loss(inputs: SoftmaxInputs, term: Callable[[jax.Array], jax.Array], 
   log-normaliser ``lse = log sum_c exp(x_c)``, from the same pass: its
   derivative ``2 z_loss lse softmax(x)`` reuses the softmax's numerators.
   """
+  z_loss = checks.parameter(z_loss, "z_loss")
   if inputs.num_classes == 0:  # every row is masked (see `prepare`)
     checked_alpha(alpha, inputs)
     return jnp.zeros(inputs.x.shape[:inputs.axis] + inputs.x.shape[inputs.axis + 1:],
                      inputs.dtype)
   normalizer = log_normalizer(inputs)
   loss = _class_terms(inputs, normalizer, term, alpha)
-  z_loss = checks.parameter(z_loss, "z_loss")
   if numerics.is_static_zero(z_loss):
     return loss
   lse = jnp.squeeze(normalizer.top + normalizer.log_sum, inputs.axis)
