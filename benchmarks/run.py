@@ -16,7 +16,10 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
   registry one case (--extended-size) of every loss of tests/registry.py against its
            textbook formula (tests/references.py) at the same dtype and against the
            sigmoid focal loss, a detector's call against the same loss with optax, and
-           softmax CE with PaLM's z-loss against the textbook CE plus z lse**2
+           softmax CE with PaLM's z-loss against the textbook CE plus z lse**2; each
+           also as a caller's jnp.sum of the unreduced loss, and the floor
+  softmax classes  softmax CE and focal loss against optax integer-label CE and the floor
+           at C = 16, 81, 1000 and 32768 (4M logits)
   vocabulary  the fused linear + softmax losses (CE, focal, each with and without label
            smoothing) of 2048 tokens x 128 features -> V = 32768 classes against a dense
            matmul followed by optax's integer-label CE, value-and-grad in the features and
@@ -115,26 +118,31 @@ def registry_losses(classes: int) -> dict[str, tuple[Callable, Callable]]:
     params = entry.options(classes)
 
     def ours(x, y, entry=entry):
-      return jnp.sum(entry(x, y, reduction="sum"))
+      return entry(x, y, reduction="sum")
+
+    def callers_sum(x, y, entry=entry):
+      return jnp.sum(entry(x, y))
 
     def naive(x, y, entry=entry, params=params):
       if entry.family == "softmax":
         y = jax.nn.one_hot(y, x.shape[-1], dtype=x.dtype)
       return jnp.sum(entry.reference(x, y, **params))
 
-    cases[entry.name] = (ours, naive)
+    cases[entry.name] = (ours, naive, callers_sum)
   # A detector's call: class ids with background C and ignored anchors -1, the mean
   # over the positives; its peer is the same loss written with optax.
   # PaLM's z-loss on the softmax cross-entropy; its peer adds z lse**2 to the textbook CE.
   cases[Z_LOSS] = (
       lambda x, ids: jfocal.softmax_cross_entropy(x, ids, z_loss=1e-4, reduction="sum"),
       lambda x, ids: jnp.sum(ref.softmax_focal(x, jax.nn.one_hot(ids, x.shape[-1], dtype=x.dtype))
-                             + 1e-4 * ref.log_sum_exp(x) ** 2))
+                             + 1e-4 * ref.log_sum_exp(x) ** 2),
+      lambda x, ids: jnp.sum(jfocal.softmax_cross_entropy(x, ids, z_loss=1e-4)))
+  detector = dict(alpha=ALPHA, gamma=GAMMA, ignore_index=-1)
   cases[DETECTOR] = (
-      lambda x, ids: jfocal.sigmoid_focal_loss(x, ids, alpha=ALPHA, gamma=GAMMA,
-                                               ignore_index=-1, reduction="mean",
+      lambda x, ids: jfocal.sigmoid_focal_loss(x, ids, **detector, reduction="mean",
                                                normalizer="num_positives"),
-      _optax_detector_loss)
+      _optax_detector_loss,
+      lambda x, ids: jnp.sum(jfocal.sigmoid_focal_loss(x, ids, **detector)))
   return cases
 
 
@@ -209,13 +217,14 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
   kind = rng.uniform(size=rows_count)
   detector_ids = jnp.asarray(np.where(kind < 0.01, rng.integers(0, classes, size=rows_count),
                                       np.where(kind < 0.11, -1, classes)), jnp.int32)
-  candidates = {}
-  for name, (ours, naive) in registry_losses(classes).items():
+  candidates = {("floor dense", "value_and_grad"): (_floor, y),
+                ("floor ids", "value_and_grad"): (_floor, ids)}
+  for name, (ours, naive, callers_sum) in registry_losses(classes).items():
     family = registry.LOSSES[name].family if name in registry.LOSSES else EXTRA_FAMILIES[name]
     labels = ids if family == "softmax" else y
     labels = detector_ids if name == DETECTOR else labels
-    candidates[(f"jfocal {name}", "value_and_grad")] = (jax.value_and_grad(ours), labels)
-    candidates[(f"naive {name}", "value_and_grad")] = (jax.value_and_grad(naive), labels)
+    for impl, fn in (("jfocal", ours), ("naive", naive), ("jnp.sum", callers_sum)):
+      candidates[(f"{impl} {name}", "value_and_grad")] = (jax.value_and_grad(fn), labels)
   compiled = {key: _compile(fn, x, labels) + (labels,)
               for key, (fn, labels) in candidates.items()}
   times = {key: [] for key in compiled}
@@ -230,14 +239,25 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
           for (impl, mode), (_, compile_s, temp, _) in compiled.items()]
 
 
+def _floor_of(rows: list[Row], row: Row, labels: str) -> Row:
+  return _lookup(rows, family=row.family, dtype=row.dtype, classes=row.classes,
+                 elements=row.elements, impl=f"floor {labels}")
+
+
 def extended_markdown(rows: list[Row]) -> str:
   fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-  out = ["", "Every loss of the registry, value-and-grad of the loss summed (the detector's "
-         "call: their mean), dense soft targets (~1% of the logits hold an IoU); the "
-         "detector's call gets class ids (~1% foreground, ~10% ignored, the rest background):",
+  out = ["", "Every loss of the registry, value-and-grad of the loss with `reduction=\"sum\"` "
+         "(the detector's call: the mean over the positives), dense soft targets (~1% of the "
+         "logits hold an IoU) for the sigmoid family, class ids for the softmax family; the "
+         "detector's call gets class ids (~1% foreground, ~10% ignored, the rest "
+         "background). The floor reads the same logits and labels (dense or ids) and "
+         "writes one logits-sized array with one exp and one log1p per logit; "
+         "`jnp.sum` is the caller's `jnp.sum` of the unreduced loss:",
          "",
-         "| loss | dtype | C | elements | jfocal ms | naive / jfocal | jfocal / sigmoid focal | "
-         "jfocal temp / logits | naive temp / logits |", "|---|---|---|---|---|---|---|---|---|"]
+         "| loss | dtype | C | elements | jfocal ms | naive / jfocal | jfocal / floor | "
+         "jfocal / sigmoid focal | jfocal temp / logits | jnp.sum time / jfocal | "
+         "jnp.sum temp / logits | naive temp / logits | jfocal compile s |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if r.family != "extended" or not r.impl.startswith("jfocal "):
       continue
@@ -245,10 +265,63 @@ def extended_markdown(rows: list[Row]) -> str:
     key = dict(family="extended", dtype=r.dtype, classes=r.classes, elements=r.elements,
                mode=r.mode)
     naive = _lookup(rows, impl=f"naive {name}", **key)
+    callers_sum = _lookup(rows, impl=f"jnp.sum {name}", **key)
     focal = _lookup(rows, impl="jfocal sigmoid_focal_loss", **key)
+    dense = name in registry.LOSSES and registry.LOSSES[name].family == "sigmoid"
+    floor = _floor_of(rows, r, "dense" if dense else "ids")
     out.append(f"| {name} | {r.dtype} | {r.classes} | {r.elements} | {r.median_s * 1e3:.3f} | "
-               f"{naive.median_s / r.median_s:.2f} | {r.median_s / focal.median_s:.2f} | "
-               f"{fmt(r.temp_over_input)} | {fmt(naive.temp_over_input)} |")
+               f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
+               f"{r.median_s / focal.median_s:.2f} | {fmt(r.temp_over_input)} | "
+               f"{callers_sum.median_s / r.median_s:.2f} | {fmt(callers_sum.temp_over_input)} | "
+               f"{fmt(naive.temp_over_input)} | {r.compile_s:.2f} |")
+  return "\n".join(out) + "\n"
+
+
+# Softmax CE and focal loss against optax's integer-label CE across class counts at one
+# size: the small-C layouts (a row maximum broadcast over few columns) and the large.
+SOFTMAX_CLASSES = {
+    "jfocal CE": lambda x, ids: jfocal.softmax_cross_entropy(x, ids, reduction="sum"),
+    "jfocal focal": lambda x, ids: jfocal.softmax_focal_loss(x, ids, gamma=GAMMA,
+                                                             reduction="sum"),
+    "optax CE": lambda x, ids: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, ids)),
+}
+
+
+def run_softmax_classes(classes_list, elements, rounds, rng) -> list[Row]:
+  rows = []
+  for classes in classes_list:
+    x, ids = _inputs("softmax", elements, classes, jnp.float32, rng)
+    compiled = {impl: _compile(jax.value_and_grad(fn), x, ids)
+                for impl, fn in SOFTMAX_CLASSES.items()}
+    compiled["floor"] = _compile(_floor, x, ids)
+    times = {impl: [] for impl in compiled}
+    for _ in range(rounds):
+      for impl, (fn, _, _) in compiled.items():
+        times[impl].append(_timed(fn, x, ids))
+    rows += [Row("softmax classes", "float32", classes, int(x.size), impl, "value_and_grad",
+                 float(np.median(times[impl])), compile_s,
+                 None if temp is None else temp / x.nbytes, x.nbytes + ids.nbytes, x.nbytes)
+             for impl, (_, compile_s, temp) in compiled.items()]
+  return rows
+
+
+def softmax_classes_markdown(rows: list[Row]) -> str:
+  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
+  out = ["", "Softmax value-and-grad of the summed loss with class ids against optax's "
+         "integer-label CE, float32, across class counts (targets: CE <= 1.0x, focal "
+         "<= 1.1x):", "",
+         "| loss | C | rows | ms | time / optax CE | time / floor | temp / logits | "
+         "optax temp / logits | compile s |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if r.family != "softmax classes" or not r.impl.startswith("jfocal"):
+      continue
+    key = dict(family=r.family, classes=r.classes, elements=r.elements)
+    optax_ce = _lookup(rows, impl="optax CE", **key)
+    floor = _lookup(rows, impl="floor", **key)
+    out.append(f"| {r.impl[len('jfocal '):]} | {r.classes} | {r.elements // r.classes} | "
+               f"{r.median_s * 1e3:.3f} | {r.median_s / optax_ce.median_s:.2f} | "
+               f"{r.median_s / floor.median_s:.2f} | {fmt(r.temp_over_input)} | "
+               f"{fmt(optax_ce.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n"
 
 
@@ -391,6 +464,27 @@ def headline(rows: list[Row]) -> list[str]:
           f"softmax focal value-and-grad with integer labels, {elements // classes} x "
           f"{classes}: {ours.median_s / peer.median_s:.3f}x the time of optax integer-label "
           f"CE ({target}); naive focal {naive.median_s / peer.median_s:.2f}x")
+  for classes in sorted({r.classes for r in rows if r.family == "softmax classes"}):
+    where = dict(family="softmax classes", classes=classes)
+    peer = _lookup(rows, impl="optax CE", **where)
+    ce, focal = (_lookup(rows, impl=f"jfocal {name}", **where) for name in ("CE", "focal"))
+    lines.append(f"softmax with class ids, {peer.elements // classes} x {classes}: CE "
+                 f"{ce.median_s / peer.median_s:.2f}x optax's integer-label CE (target <= 1.0), "
+                 f"focal {focal.median_s / peer.median_s:.2f}x (target <= 1.1)")
+  sigmoid = [r for r in rows if r.family == "extended" and r.dtype == "float32"
+             and r.impl.startswith("jfocal ") and r.impl[7:] in registry.LOSSES
+             and registry.LOSSES[r.impl[7:]].family == "sigmoid"]
+  elementwise = [r for r in sigmoid if registry.LOSSES[r.impl[7:]].elementwise]
+  if elementwise:
+    worst = max(elementwise, key=lambda r: r.temp_over_input or 0)
+    others = ", ".join(f"{r.impl[7:]} {r.temp_over_input:.2f}x" for r in sigmoid
+                       if r not in elementwise)
+    lines.append(f"elementwise sigmoid losses (all {len(elementwise)}), float32: XLA temp at "
+                 f"most {worst.temp_over_input:.2f}x the logits ({worst.impl[7:]}; target "
+                 f"<= 0.05); {others or 'no other sigmoid loss'}")
+    ratios = ", ".join(f"{r.impl[7:]} {r.median_s / _floor_of(rows, r, 'dense').median_s:.2f}"
+                       for r in sigmoid)
+    lines.append(f"sigmoid losses' time over the floor kernel (target <= 2.0): {ratios}")
   ours = _lookup(rows, family="extended", impl=f"jfocal {DETECTOR}", dtype="float32")
   peer = _lookup(rows, family="extended", impl=f"naive {DETECTOR}", dtype="float32")
   if ours and peer:
@@ -433,7 +527,7 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
         f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
         f"{checked.median_s / r.median_s:.2f} | "
         f"{fmt(r.temp_over_input)} | {fmt(peer.temp_over_input)} | {r.compile_s:.2f} |")
-  return "\n".join(out) + "\n" + extended_markdown(rows)
+  return "\n".join(out) + "\n" + softmax_classes_markdown(rows) + extended_markdown(rows)
 
 
 def plot(rows: list[Row], path: pathlib.Path) -> None:
@@ -467,7 +561,7 @@ def plot(rows: list[Row], path: pathlib.Path) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="sizes 2^14 and 2^16, C=16, float32")
-  parser.add_argument("--sizes", type=int, nargs="*", default=[14, 16, 18, 20, 22],
+  parser.add_argument("--sizes", type=int, nargs="*", default=[14, 18, 22],
                       help="log2 of the number of logits")
   parser.add_argument("--classes", type=int, nargs="*", default=[1, 16, 80])
   parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
@@ -475,6 +569,10 @@ def main() -> None:
   parser.add_argument("--extended-size", type=int, default=20,
                       help="log2 of the logits of the extended losses' single case (C is the "
                       "largest --classes); at most the largest --sizes")
+  parser.add_argument("--softmax-classes", type=int, nargs="*", default=[16, 81, 1000, 32768],
+                      help="C of the softmax sweep against optax's CE at --softmax-size")
+  parser.add_argument("--softmax-size", type=int, default=22,
+                      help="log2 of the logits of the softmax sweep")
   parser.add_argument("--vocab-sizes", type=int, nargs="*", default=[32768, 131072],
                       help="V of the large-vocabulary cases; the largest is compiled for its "
                       "memory, not timed")
@@ -484,6 +582,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.quick:
     args.sizes, args.classes, args.dtypes = [14, 16], [16], ["float32"]
+    args.softmax_classes, args.softmax_size = [16, 1000], 16
 
   rng = np.random.default_rng(0)
   backend = jax.default_backend()
@@ -512,6 +611,11 @@ def main() -> None:
                          _rounds(extended_elements, args.rounds), rng)
     print(f"  extended {dtype:8s} C={max(args.classes):<3d} {extended_elements:>8d} logits done "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
+  softmax_elements = 2 ** args.softmax_size
+  rows += run_softmax_classes(args.softmax_classes, softmax_elements,
+                              _rounds(softmax_elements, args.rounds), rng)
+  print(f"  softmax C={args.softmax_classes} {softmax_elements:>8d} logits done "
+        f"({time.perf_counter() - started:.0f} s)", flush=True)
   notes: list[str] = []
   for vocab in args.vocab_sizes:
     timed = vocab != max(args.vocab_sizes) or len(args.vocab_sizes) == 1

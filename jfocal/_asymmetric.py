@@ -112,10 +112,15 @@ def asymmetric_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: ja
   The hyper-parameters are the arrays of `jfocal.engine.numerics.split` and
   their static values (or None); ``detach_focusing`` only changes the derivatives.
   """
-  g_pos, g_neg = (numerics.pick(gamma_pos, static_gamma_pos),
-                  numerics.pick(gamma_neg, static_gamma_neg))
-  a = _shifted(x, y, numerics.pick(clip, static_clip))
-  return numerics.fence(factor * _weight(a, _exponent(y, g_pos, g_neg)) * a.ce)
+  return numerics.fence(_value(x, y, factor, numerics.pick(gamma_pos, static_gamma_pos),
+                               numerics.pick(gamma_neg, static_gamma_neg),
+                               numerics.pick(clip, static_clip)))
+
+
+def _value(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: Parameter,
+           gamma_neg: Parameter, clip: Parameter) -> jax.Array:
+  a = _shifted(x, y, clip)
+  return factor * _weight(a, _exponent(y, gamma_pos, gamma_neg)) * a.ce
 
 
 @functools.partial(asymmetric_term.defjvp, symbolic_zeros=True)
@@ -123,11 +128,10 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
                          primals, tangents):
   x, y, factor, gamma_pos_array, gamma_neg_array, clip_array = primals
   x_dot, y_dot, factor_dot, gamma_pos_dot, gamma_neg_dot, clip_dot = tangents
-  value = asymmetric_term(x, y, factor, gamma_pos_array, gamma_neg_array, clip_array,
-                          static_gamma_pos, static_gamma_neg, static_clip, detach_focusing)
   gamma_pos = numerics.pick(gamma_pos_array, static_gamma_pos)
   gamma_neg = numerics.pick(gamma_neg_array, static_gamma_neg)
   clip = numerics.pick(clip_array, static_clip)
+  value = _value(x, y, factor, gamma_pos, gamma_neg, clip)
   # Recomputed from fenced inputs rather than shared with the value (see numerics.fence).
   y = numerics.fence(y)
   a = _shifted(numerics.derivative_logits(x), y, clip)
@@ -151,7 +155,7 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
     if focusing:
       # ratio (up to |x|) times d m/dx (down to |x| e^-|x|) first: bounded at every logit.
       d_dx = d_dx + g * (ratio * (pq * (jnp.where(a.shifted, 1 - y, 0) - y)))
-    tangent = tangent + factor * weight * d_dx * x_dot
+    tangent = tangent + numerics.reads(value, factor * weight * d_dx) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_dy = a.a - a.b
     if focusing:

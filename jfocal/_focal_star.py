@@ -57,8 +57,13 @@ def _entropy(t: jax.Array) -> jax.Array:
 def focal_star_term(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
                     gamma: jax.Array, static_gamma: float | None) -> jax.Array:
   """``factor [y softplus(-(gamma x + beta)) + (1 - y) softplus(gamma x - beta)] / gamma``."""
-  _, _, positive, negative = _parts(x, beta, numerics.pick(gamma, static_gamma))
-  return numerics.fence(factor * sigmoid.mix(y, positive, negative))
+  return numerics.fence(_value(x, y, factor, beta, numerics.pick(gamma, static_gamma)))
+
+
+def _value(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
+           gamma: Parameter) -> jax.Array:
+  _, _, positive, negative = _parts(x, beta, gamma)
+  return factor * sigmoid.mix(y, positive, negative)
 
 
 @functools.partial(focal_star_term.defjvp, symbolic_zeros=True)
@@ -66,14 +71,14 @@ def _focal_star_term_jvp(static_gamma, primals, tangents):
   x, y, factor, beta, gamma_array = primals
   x_dot, y_dot, factor_dot, beta_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
-  value = focal_star_term(x, y, factor, beta, gamma_array, static_gamma)
+  value = _value(x, y, factor, beta, gamma)
   x = numerics.derivative_logits(x)
   a, b, positive, negative = _parts(x, beta, gamma)
   pull_up = y * jax.nn.sigmoid(-a)            # from the positive side
   push_down = (1 - y) * jax.nn.sigmoid(b)     # from the negative side
   tangent = jnp.zeros_like(value)
   if not isinstance(x_dot, SymbolicZero):
-    tangent = tangent + factor * (push_down - pull_up) * x_dot
+    tangent = tangent + numerics.reads(value, factor * (push_down - pull_up)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     tangent = tangent + factor * (positive - negative) * y_dot
   if not isinstance(factor_dot, SymbolicZero):

@@ -46,9 +46,15 @@ def poly1_focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, alpha_t: jax
                      epsilon: jax.Array, gamma: jax.Array,
                      static_gamma: float | None) -> jax.Array:
   """``factor [alpha_t (1 - p_t)**gamma CE(x, y) + epsilon (1 - p_t)**(gamma + 1)]`` elementwise."""
+  return numerics.fence(_poly1_focal_value(x, y, factor, alpha_t, epsilon,
+                                           numerics.pick(gamma, static_gamma)))
+
+
+def _poly1_focal_value(x: jax.Array, y: jax.Array, factor: jax.Array, alpha_t: jax.Array,
+                       epsilon: jax.Array, gamma: Parameter) -> jax.Array:
   f = sigmoid.folded(x, y)
-  weight = numerics.power(f.one_minus_p_t, numerics.pick(gamma, static_gamma), f.log_m)
-  return numerics.fence(_poly1_value(f, factor, alpha_t, epsilon, weight))
+  weight = numerics.power(f.one_minus_p_t, gamma, f.log_m)
+  return numerics.materialised(_poly1_value(f, factor, alpha_t, epsilon, weight), f.e)
 
 
 @functools.partial(poly1_focal_term.defjvp, symbolic_zeros=True)
@@ -57,7 +63,7 @@ def _poly1_focal_term_jvp(static_gamma, primals, tangents):
   x_dot, y_dot, factor_dot, alpha_dot, epsilon_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
   focusing = not numerics.is_static_zero(gamma)
-  value = poly1_focal_term(x, y, factor, alpha_t, epsilon, gamma_array, static_gamma)
+  value = _poly1_focal_value(x, y, factor, alpha_t, epsilon, gamma)
   f = sigmoid.folded(numerics.derivative_logits(x), numerics.fence(y))
   weight = numerics.power(f.one_minus_p_t, gamma, f.log_m)
   poly_power = gamma + 1
@@ -69,7 +75,7 @@ def _poly1_focal_term_jvp(static_gamma, primals, tangents):
       focal_dz = focal_dz + gamma * (f.pq_over_m() * f.cross_entropy) * (f.v - f.u)
     d_dz = weight * (numerics.zero_removes(alpha_t, focal_dz)
                      + epsilon * poly_power * (f.v - f.u) * pq)
-    tangent = tangent + f.signed(factor * d_dz) * x_dot
+    tangent = tangent + numerics.reads(value, f.signed(factor * d_dz)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     focal_du = -f.z
     if focusing:

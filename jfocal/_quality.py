@@ -66,8 +66,12 @@ def _quality_parts(x: jax.Array, y: jax.Array, beta: Parameter):
 def quality_focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
                        static_beta: float | None) -> jax.Array:
   """``factor |y - sigmoid(x)|**beta * CE(x, y)`` elementwise, for targets y in [0, 1]."""
-  f, _, _, _, weight = _quality_parts(x, y, numerics.pick(beta, static_beta))
-  return numerics.fence(factor * weight * f.cross_entropy)
+  return numerics.fence(_quality_value(x, y, factor, numerics.pick(beta, static_beta)))
+
+
+def _quality_value(x: jax.Array, y: jax.Array, factor: jax.Array, beta: Parameter) -> jax.Array:
+  f, _, _, _, weight = _quality_parts(x, y, beta)
+  return factor * weight * f.cross_entropy
 
 
 @functools.partial(quality_focal_term.defjvp, symbolic_zeros=True)
@@ -75,7 +79,7 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
   x, y, factor, beta_array = primals
   x_dot, y_dot, factor_dot, beta_dot = tangents
   beta = numerics.pick(beta_array, static_beta)
-  value = quality_focal_term(x, y, factor, beta_array, static_beta)
+  value = _quality_value(x, y, factor, beta)
   f, delta, matched, log_abs_delta, weight = _quality_parts(
       numerics.derivative_logits(x), numerics.fence(y), beta)
   cross_entropy = f.cross_entropy
@@ -111,7 +115,7 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
     d_dz = weight * delta
     if focusing:
       d_dz = d_dz + slope_z * cross_entropy
-    tangent = tangent + f.signed(factor * d_dz) * x_dot
+    tangent = tangent + numerics.reads(value, f.signed(factor * d_dz)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_du = -weight * f.z
     if focusing:
@@ -138,9 +142,15 @@ def varifocal_term(x: jax.Array, q: jax.Array, factor: jax.Array, alpha: jax.Arr
                    gamma: jax.Array, static_gamma: float | None,
                    iou_weighted: bool) -> jax.Array:
   """``factor q CE(x, q)`` (or ``CE``) where ``q > 0``, ``factor alpha sigmoid(x)**gamma CE(x, 0)`` where 0."""
+  return numerics.fence(_varifocal_term_value(x, q, factor, alpha,
+                                             numerics.pick(gamma, static_gamma), iou_weighted))
+
+
+def _varifocal_term_value(x: jax.Array, q: jax.Array, factor: jax.Array, alpha: jax.Array,
+                          gamma: Parameter, iou_weighted: bool) -> jax.Array:
   f = sigmoid.folded(x, q)
-  weight = numerics.power(f.one_minus_p_t, numerics.pick(gamma, static_gamma), f.log_m)
-  return numerics.fence(_varifocal_value(f, q, factor, alpha, weight, iou_weighted))
+  weight = numerics.power(f.one_minus_p_t, gamma, f.log_m)
+  return numerics.materialised(_varifocal_value(f, q, factor, alpha, weight, iou_weighted), f.e)
 
 
 @functools.partial(varifocal_term.defjvp, symbolic_zeros=True)
@@ -148,7 +158,7 @@ def _varifocal_term_jvp(static_gamma, iou_weighted, primals, tangents):
   x, q, factor, alpha, gamma_array = primals
   x_dot, q_dot, factor_dot, alpha_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
-  value = varifocal_term(x, q, factor, alpha, gamma_array, static_gamma, iou_weighted)
+  value = _varifocal_term_value(x, q, factor, alpha, gamma, iou_weighted)
   f = sigmoid.folded(numerics.derivative_logits(x), numerics.fence(q))
   weight = numerics.power(f.one_minus_p_t, gamma, f.log_m)
   positive = q > 0
@@ -162,7 +172,8 @@ def _varifocal_term_jvp(static_gamma, iou_weighted, primals, tangents):
       # The sigmoid focal core's derivative at target 0 (there u - v = +-1).
       d_negative = d_negative + gamma * (f.pq_over_m() * cross_entropy) * (f.v - f.u)
     d_negative = alpha * (weight * d_negative)
-    tangent = tangent + f.signed(factor * jnp.where(positive, d_positive, d_negative)) * x_dot
+    d_dz = factor * jnp.where(positive, d_positive, d_negative)
+    tangent = tangent + numerics.reads(value, f.signed(d_dz)) * x_dot
   if not isinstance(q_dot, SymbolicZero):
     # Only the positive branch depends on q: d(q CE)/dq = CE + q dCE/dq, dCE/dq = -x.
     d_ce_dq = -f.signed(f.z)

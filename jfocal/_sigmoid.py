@@ -25,10 +25,11 @@ def _weighted_value(x: jax.Array, y: jax.Array, factor: jax.Array,
   f = sigmoid.folded(x, y)
   exponent = numerics.integer_exponent(gamma)
   if exponent is None:
-    return factor * numerics.power(f.one_minus_p_t, gamma, f.log_m) * f.cross_entropy
-  # m**gamma = (u e + v)**gamma / (1 + e)**gamma: ending in a division (an
-  # "expensive" op that XLA materialises rather than recomputes in each user)
-  # lets the derivative read this value instead of recomputing log1p.
+    value = factor * numerics.power(f.one_minus_p_t, gamma, f.log_m) * f.cross_entropy
+    return numerics.materialised(value, f.e)
+  # m**gamma = (u e + v)**gamma / (1 + e)**gamma: ending in a division, the
+  # value is materialised (see numerics.materialised) and the derivative reads
+  # it instead of recomputing log1p.
   return ((factor * jax.lax.integer_pow(f.scaled_m, exponent) * f.cross_entropy)
           / jax.lax.integer_pow(1 + f.e, exponent))
 
@@ -54,8 +55,6 @@ def _focal_term_jvp(static_gamma, primals, tangents):
   shares_value = numerics.integer_exponent(gamma) is not None
   focusing = not numerics.is_static_zero(gamma)
   value = _weighted_value(x, y, factor, gamma)
-  if not shares_value:
-    value = numerics.fence(value)
   # Recomputed from fenced inputs rather than shared with the value: on the
   # CPU, XLA would otherwise write exp, log1p and 1/(1+e) to memory for both.
   # With integer gamma the x-derivative reads the value instead of log1p; the
@@ -77,7 +76,7 @@ def _focal_term_jvp(static_gamma, primals, tangents):
         # pq_over_m first: it vanishes where CE is huge (clipped infinite logits).
         d_dz = d_dz + gamma * (f.pq_over_m() * f.cross_entropy) * (f.v - f.u)
       d_dz = factor * weight * d_dz
-    tangent = tangent + f.signed(d_dz) * x_dot
+    tangent = tangent + numerics.reads(value, f.signed(d_dz)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_du = -f.z
     if focusing:

@@ -124,6 +124,38 @@ def fence(x: jax.Array) -> jax.Array:
   return lax.platform_dependent(x, cpu=_reduce_precision_to_own, default=lambda x: x)
 
 
+def reads(value: jax.Array, derivative: jax.Array) -> jax.Array:
+  """``derivative``, NaN where ``value`` (the loss) is NaN, as it already is there.
+
+  A gradient loop that reads the loss lets XLA write the gradient over the
+  materialised loss in place: value-and-grad of the summed loss then holds no
+  logits-sized temporary (`value` must be the unfenced loss, so that it stays
+  one materialised array instead of being recomputed in each of its users).
+  """
+  return jnp.where(jnp.isnan(value), value, derivative)
+
+
+def _divide_by_exact_one(value: jax.Array, finite: jax.Array) -> jax.Array:
+  return value / (1 + 0 * finite)
+
+
+def materialised(value: jax.Array, finite: jax.Array) -> jax.Array:
+  """``value``, ending (on the CPU) in a division by an exact 1 that XLA cannot fold.
+
+  XLA on the CPU recomputes a fusion that ends in a cheap op (a multiply by
+  the weights, an add) inside each of its users, and then writes the
+  expensive intermediates it shares (exp, log1p, 1/(1+e)) to memory: with a
+  per-row weight or class-id labels, value-and-grad of such a loss keeps
+  three logits-sized temporaries. A fusion ending in a division is
+  materialised once, and `reads` then writes the gradient over it in place.
+  ``finite`` is any finite array of the value's shape (``0 * inf`` would be
+  NaN): ``1 + 0 * finite`` is exactly 1, so no bit changes. Other backends
+  get ``value`` as is (see `fence`).
+  """
+  return lax.platform_dependent(value, finite, cpu=_divide_by_exact_one,
+                                default=lambda value, _: value)
+
+
 def derivative_logits(x: jax.Array) -> jax.Array:
   """Logits as a derivative rule reads them: clipped to the finite range, then fenced.
 
