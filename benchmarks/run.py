@@ -181,6 +181,16 @@ def _compile(fn, x, labels):
   return compiled, seconds, None if memory is None else memory.temp_size_in_bytes
 
 
+def _interleaved(calls: dict, rounds: int) -> dict:
+  """Median seconds of each ``key: (compiled, args)``, timed one call each per round."""
+  times = {key: [] for key in calls}
+  for _ in range(rounds):
+    for key, (fn, args) in calls.items():
+      times[key].append(_timed(fn, *args))
+  return {key: float(np.median(seconds)) if seconds else float("nan")
+          for key, seconds in times.items()}
+
+
 def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
   x, labels = _inputs(family, elements, classes, dtype, rng)
   input_bytes = x.nbytes + labels.nbytes
@@ -190,16 +200,12 @@ def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
     candidates[(impl, "value_and_grad")] = jax.value_and_grad(loss)
   candidates[("floor", "forward")] = candidates[("floor", "value_and_grad")] = _floor
   compiled = {key: _compile(fn, x, labels) for key, fn in candidates.items()}
-  times = {key: [] for key in compiled}
-  for _ in range(rounds):
-    for key, (fn, _, _) in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, labels))
-      times[key].append(time.perf_counter() - start)
+  medians = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _) in compiled.items()},
+                         rounds)
   rows = []
   for (impl, mode), (_, compile_s, temp) in compiled.items():
     rows.append(Row(family, jnp.dtype(dtype).name, classes, int(x.size), impl, mode,
-                    float(np.median(times[(impl, mode)])), compile_s,
+                    medians[(impl, mode)], compile_s,
                     None if temp is None else temp / x.nbytes, input_bytes,
                     x.nbytes if mode == "value_and_grad" or impl == "floor" else 4))
   return rows
@@ -227,16 +233,16 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
       candidates[(f"{impl} {name}", "value_and_grad")] = (jax.value_and_grad(fn), labels)
   compiled = {key: _compile(fn, x, labels) + (labels,)
               for key, (fn, labels) in candidates.items()}
-  times = {key: [] for key in compiled}
-  for _ in range(rounds):
-    for key, (fn, _, _, labels) in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(x, labels))
-      times[key].append(time.perf_counter() - start)
+  medians = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _, labels)
+                          in compiled.items()}, rounds)
   return [Row("extended", jnp.dtype(dtype).name, classes, int(x.size), impl, mode,
-              float(np.median(times[(impl, mode)])), compile_s,
+              medians[(impl, mode)], compile_s,
               None if temp is None else temp / x.nbytes, x.nbytes + y.nbytes, x.nbytes)
           for (impl, mode), (_, compile_s, temp, _) in compiled.items()]
+
+
+def fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.2f}"
 
 
 def _floor_of(rows: list[Row], row: Row, labels: str) -> Row:
@@ -245,7 +251,6 @@ def _floor_of(rows: list[Row], row: Row, labels: str) -> Row:
 
 
 def extended_markdown(rows: list[Row]) -> str:
-  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
   out = ["", "Every loss of the registry, value-and-grad of the loss with `reduction=\"sum\"` "
          "(the detector's call: the mean over the positives), dense soft targets (~1% of the "
          "logits hold an IoU) for the sigmoid family, class ids for the softmax family; the "
@@ -294,19 +299,16 @@ def run_softmax_classes(classes_list, elements, rounds, rng) -> list[Row]:
     compiled = {impl: _compile(jax.value_and_grad(fn), x, ids)
                 for impl, fn in SOFTMAX_CLASSES.items()}
     compiled["floor"] = _compile(_floor, x, ids)
-    times = {impl: [] for impl in compiled}
-    for _ in range(rounds):
-      for impl, (fn, _, _) in compiled.items():
-        times[impl].append(_timed(fn, x, ids))
+    medians = _interleaved({impl: (fn, (x, ids)) for impl, (fn, _, _) in compiled.items()},
+                           rounds)
     rows += [Row("softmax classes", "float32", classes, int(x.size), impl, "value_and_grad",
-                 float(np.median(times[impl])), compile_s,
+                 medians[impl], compile_s,
                  None if temp is None else temp / x.nbytes, x.nbytes + ids.nbytes, x.nbytes)
              for impl, (_, compile_s, temp) in compiled.items()]
   return rows
 
 
 def softmax_classes_markdown(rows: list[Row]) -> str:
-  fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
   out = ["", "Softmax value-and-grad of the summed loss with class ids against optax's "
          "integer-label CE, float32, across class counts (targets: CE <= 1.0x, focal "
          "<= 1.1x):", "",
@@ -356,12 +358,8 @@ def run_vocabulary(tokens, features_dim, vocab, rounds, rng, notes: list[str],
   logits_bytes = tokens * vocab * 4
   compiled = {name: _compile(jax.value_and_grad(fn, argnums=(0, 1)), f, w)
               for name, fn in vocabulary_losses(ids).items()}
-  times = {name: [] for name in compiled}
-  for _ in range(rounds if timed else 0):
-    for name, (fn, _, _) in compiled.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(f, w))
-      times[name].append(time.perf_counter() - start)
+  medians = _interleaved({name: (fn, (f, w)) for name, (fn, _, _) in compiled.items()},
+                         rounds if timed else 0)
   if timed:  # float32 agreement of fused CE with the dense path: loss, and gradients
     (dense_loss, dense_grads), (loss, grads) = (
         compiled[name][0](f, w) for name in (DENSE, "linear_softmax_cross_entropy"))
@@ -371,7 +369,7 @@ def run_vocabulary(tokens, features_dim, vocab, rounds, rng, notes: list[str],
                  f"{agreement:.1e} relative in float32 (the loss, and the largest gradient "
                  "error over the largest gradient entry)")
   return [Row("vocabulary", "float32", vocab, tokens * vocab, name, "value_and_grad",
-              float(np.median(times[name])) if timed else float("nan"), compile_s,
+              medians[name], compile_s,
               None if temp is None else temp / logits_bytes, f.nbytes + w.nbytes, w.nbytes)
           for name, (_, compile_s, temp) in compiled.items()]
 
@@ -520,7 +518,6 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
     naive = _lookup(rows, impl="naive", **key)
     floor = _lookup(rows, impl="floor", **key)
     checked = _lookup(rows, impl="jfocal checked", **key)
-    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     out.append(
         f"| {r.family} | {r.dtype} | {r.classes} | {r.elements} | {r.mode} | "
         f"{r.median_s * 1e3:.3f} | {peer_name} | {peer.median_s / r.median_s:.2f} | "
