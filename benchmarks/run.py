@@ -1,8 +1,8 @@
 """Side-by-side timings of jfocal against optax, a naive textbook loss and a floor kernel.
 
 Every case compiles all implementations first, then times them in interleaved
-rounds (one call of each per round) in this one process, so that the machine's
-noise hits all of them alike; the table reports medians and ratios. Memory comes
+rounds (one call of each per round, in a fresh seeded random order each round) in
+this one process, so that the machine's noise hits all of them alike; the table reports medians and ratios. Memory comes
 from XLA's `memory_analysis()` of the compiled value-and-grad.
 
     python benchmarks/run.py                 # the full sweep, writes results.md/.png
@@ -182,11 +182,20 @@ def _compile(fn, x, labels):
 
 
 def _interleaved(calls: dict, rounds: int) -> dict:
-  """Median seconds of each ``key: (compiled, args)``, timed one call each per round."""
+  """Median seconds of each ``key: (compiled, args)``, timed one call each per round.
+
+  Each round runs the calls in a fresh random order (seeded, so a run is
+  repeatable): a call that follows one with large buffers pays for the
+  allocator's and the caches' state, and a fixed order would bill that to the
+  same candidate every round (it had made the floor 1.6x slower).
+  """
+  order = np.random.default_rng(0)
+  keys = list(calls)
   times = {key: [] for key in calls}
   for _ in range(rounds):
-    for key, (fn, args) in calls.items():
-      times[key].append(_timed(fn, *args))
+    for index in order.permutation(len(keys)):
+      fn, args = calls[keys[index]]
+      times[keys[index]].append(_timed(fn, *args))
   return {key: float(np.median(seconds)) if seconds else float("nan")
           for key, seconds in times.items()}
 

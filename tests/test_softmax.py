@@ -10,6 +10,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import jfocal
+from jfocal.engine import softmax as engine
+from jfocal.engine.softmax import SMALL_CLASSES
 import references as ref
 import strategies as S
 from helpers import assert_close, compiled_as_users_get_it, on_reference_device, optional_array
@@ -166,16 +168,52 @@ def test_ignore_index_masks_the_example(transform):
   assert np.all(jax.grad(fn)(x)[1] == 0)
 
 
-def test_integer_labels_build_no_one_hot():
+@pytest.mark.parametrize("classes", [16, SMALL_CLASSES, SMALL_CLASSES + 1, 81])
+def test_integer_labels_build_no_one_hot(classes):
   # The compiled value-and-grad of the integer-label path keeps no (batch, C)
-  # temporary: a one-hot (or any logits-sized buffer) would be 20 KiB here.
-  x = jnp.zeros((64, 81), jnp.float32)
-  ids = jnp.zeros((64,), jnp.int32)
+  # temporary, only row-sized ones: 6 with few classes and 5 with more (the
+  # two forms of `jfocal.engine.softmax.SMALL_CLASSES`); a one-hot would add C.
+  rows = 1024
+  x = jnp.zeros((rows, classes), jnp.float32)
+  ids = jnp.zeros((rows,), jnp.int32)
   step = jax.jit(jax.value_and_grad(lambda x: jnp.sum(jfocal.softmax_focal_loss(x, ids))))
   memory = compiled_as_users_get_it(step.lower(x)).memory_analysis()
   if memory is None:
     pytest.skip(f"no memory analysis on {jax.default_backend()}")
-  assert memory.temp_size_in_bytes < x.nbytes / 2, memory
+  row_buffers = 6 if classes <= SMALL_CLASSES else 5
+  scalars = 1024  # XLA's few scalar temporaries (128 bytes measured)
+  assert memory.temp_size_in_bytes <= row_buffers * rows * 4 + scalars, memory
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_the_few_and_the_many_class_forms_agree(dtype):
+  # Up to SMALL_CLASSES classes the engine compiles other forms of the shift
+  # and of the target's entries (a select, not a scatter), for speed: the same
+  # values bit for bit, also for infinite and NaN rows, and the same derivatives.
+  inf, big = np.inf, float(jnp.finfo(dtype).max)
+  special = np.array([[inf, 1, -inf, inf], [-inf] * 4, [0, -inf, 2, 3], [inf, -inf, -inf, 5],
+                      [big, inf, -big, 0], [-big, -inf, -inf, -big], [np.nan, 1, 2, 3],
+                      [1e-30, 0, -0.0, 88]])
+  finite = np.random.default_rng(0).normal(size=(8, 4)) * 30
+  x = jnp.asarray(np.concatenate([special, finite]), dtype)
+  top = jnp.max(x, axis=1, keepdims=True)
+  ids = jnp.asarray(np.arange(len(x)) % 4, jnp.int32)[:, None]
+
+  def nll(x, small):  # -log p_k (class ids) and log sum exp (dense targets)
+    shifted = engine._shift(x, top, small)
+    return (engine._excluded_nll(shifted, ids, 1, small)
+            + 0.5 * engine._log_sum(shifted, ids, 1, small))
+
+  for run in (lambda f: f, jax.jit):
+    shifts = [run(functools.partial(engine._shift, small=small))(x, top) for small in (True, False)]
+    np.testing.assert_array_equal(*shifts)
+    values = [run(functools.partial(nll, small=small))(x) for small in (True, False)]
+    np.testing.assert_array_equal(*values)
+  x = x[len(special):]
+  top, ids = top[len(special):], ids[len(special):]
+  for derivative in (jax.grad, jax.hessian):
+    few, many = (derivative(lambda x: jnp.sum(nll(x, small)))(x) for small in (True, False))
+    assert_close(few, many, dtype, what=derivative.__name__)
 
 
 def test_label_derivative_at_one_hot_targets_is_each_class_term():

@@ -178,25 +178,52 @@ def class_ids(labels: jax.Array, ignore_index: int | None, num_classes: Any,
   return ids, in_range, invalid, mask
 
 
-@jax.custom_jvp
-def _shift(x: jax.Array, top: jax.Array) -> jax.Array:
+# Up to this many classes the shift compares each logit with a per-row float
+# and the target's entry is set by a select against the class index; above it,
+# the shift tests a per-row predicate and the entry is scattered (one per row)
+# into the materialised array, so that the loop computing exp has no select.
+# The numbers are the same; the speed is not. On the CPU, value-and-grad of
+# softmax CE with class ids at 4M logits took 0.8-1.0x optax's CE time at
+# C = 16 and 32 with the first forms against 1.1-1.7x with the second, and
+# 1.0x at C = 1000 and 32768 with the second against 1.4-1.5x with the first
+# (benchmarks/run.py's softmax sweep, docs/performance.md).
+SMALL_CLASSES = 32
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _shift(x: jax.Array, top: jax.Array, small: bool) -> jax.Array:
   """``x - top``, with 0 instead of ``inf - inf`` in a row whose maximum is infinite.
 
   Then the +inf logits of a row share its probability (a +inf target has
-  loss 0, a finite one +inf) and a row of -inf logits is uniform.
+  loss 0, a finite one +inf) and a row of -inf logits is uniform. ``small``
+  (see `SMALL_CLASSES`) picks the form XLA compiles faster, with the same
+  result: ``pinned``, the row's maximum where it is infinite and NaN where
+  it is not, equals no logit of a finite row (not even a NaN one).
   """
+  if small:
+    pinned = jnp.where(jnp.isinf(top), top, jnp.nan)
+    return jnp.where(x == pinned, 0, x - top)
   return jnp.where((x == top) & jnp.isinf(top), 0, x - top)
 
 
 @_shift.defjvp
-def _shift_jvp(primals, tangents):
+def _shift_jvp(small, primals, tangents):
   # d(x - top)/dx = 1 also where the value is pinned to 0, so an infinite logit
   # keeps the limit of its gradient; top is a constant (stop_gradient).
-  return _shift(*primals), tangents[0]
+  return _shift(*primals, small), tangents[0]
 
 
-def _normalizer_parts(shifted: jax.Array, excluded: jax.Array,
-                      axis: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+def _at_excluded(values: jax.Array, excluded: jax.Array, fill: jax.Array | float, axis: int,
+                 small: bool) -> jax.Array:
+  """``values`` with ``fill`` (a number or one per row) at each row's excluded class."""
+  if small:
+    column = jax.lax.broadcasted_iota(excluded.dtype, values.shape, axis)
+    return jnp.where(column == excluded, fill, values)
+  return jnp.put_along_axis(values, excluded, fill, axis=axis, inplace=False)
+
+
+def _normalizer_parts(shifted: jax.Array, excluded: jax.Array, axis: int,
+                      small: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """``(others, rest, shifted_k, log_sum)`` for one excluded class ``k`` per row.
 
   ``others`` is ``exp(shifted)`` with 0 at ``k`` and ``rest`` its sum, so that
@@ -204,46 +231,43 @@ def _normalizer_parts(shifted: jax.Array, excluded: jax.Array,
   ``others``: XLA on the CPU writes it to memory for its reduction kernel
   anyway, and the gradient then costs one multiplication per logit.
   """
-  column = jax.lax.broadcasted_iota(excluded.dtype, shifted.shape, axis)
-  others = jnp.where(column == excluded, 0, jnp.exp(shifted))
+  others = _at_excluded(jnp.exp(shifted), excluded, 0, axis, small)
   rest = jnp.sum(others, axis=axis, keepdims=True)
   shifted_k = jnp.take_along_axis(shifted, excluded, axis=axis)
   return others, rest, shifted_k, jnp.log1p(rest + jnp.expm1(shifted_k))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
   """``log sum_c exp(shifted_c)``, as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))``."""
-  return _normalizer_parts(shifted, excluded, axis)[3]
+  return _normalizer_parts(shifted, excluded, axis, small)[3]
 
 
 @_log_sum.defjvp
-def _log_sum_jvp(axis, primals, tangents):
+def _log_sum_jvp(axis, small, primals, tangents):
   shifted, excluded = primals
-  others, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
+  others, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
   # The softmax's numerators, with the excluded class's put back.
-  column = jax.lax.broadcasted_iota(excluded.dtype, shifted.shape, axis)
-  numerators = jnp.where(column == excluded, jnp.exp(shifted_k), others)
+  numerators = _at_excluded(others, excluded, jnp.exp(shifted_k), axis, small)
   return log_sum, (jnp.sum(numerators * tangents[0], axis=axis, keepdims=True)
                    * jnp.exp(-log_sum))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _excluded_nll(shifted: jax.Array, excluded: jax.Array, axis: int) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _excluded_nll(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
   """``-log p_k = log_sum - shifted_k`` of the excluded class, with the class axis kept."""
-  _, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
+  _, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
   return log_sum - shifted_k
 
 
 @_excluded_nll.defjvp
-def _excluded_nll_jvp(axis, primals, tangents):
+def _excluded_nll_jvp(axis, small, primals, tangents):
   shifted, excluded = primals
-  others, rest, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis)
-  tangent_k = jnp.take_along_axis(tangents[0], excluded, axis=axis)
+  others, rest, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
   # d(-log p_k) = sum_c p_c ds_c - ds_k. The coefficient of ds_k, p_k - 1, is
-  # -rest / S: exact as p_k -> 1 and one gathered tangent, so the gradient
-  # has a single scatter.
-  tangent = jnp.sum(others * tangents[0], axis=axis, keepdims=True) - rest * tangent_k
+  # -rest / S: exact as p_k -> 1.
+  coefficients = _at_excluded(others, excluded, -rest, axis, small)
+  tangent = jnp.sum(coefficients * tangents[0], axis=axis, keepdims=True)
   return log_sum - shifted_k, tangent * jnp.exp(-log_sum)
 
 
@@ -269,12 +293,13 @@ def log_normalizer(inputs: SoftmaxInputs) -> LogNormalizer:
   minus the one-hot at ``k``); XLA removes whichever a loss does not use.
   """
   x, axis = inputs.x, inputs.axis
+  small = inputs.num_classes <= SMALL_CLASSES
   top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-  shifted = _shift(x, top)
+  shifted = _shift(x, top, small)
   excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
   excluded = jnp.expand_dims(excluded, axis)
-  return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis),
-                       _excluded_nll(shifted, excluded, axis))
+  return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis, small),
+                       _excluded_nll(shifted, excluded, axis, small))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
