@@ -168,21 +168,35 @@ def test_ignore_index_masks_the_example(transform):
   assert np.all(jax.grad(fn)(x)[1] == 0)
 
 
-@pytest.mark.parametrize("classes", [16, SMALL_CLASSES, SMALL_CLASSES + 1, 81])
-def test_integer_labels_build_no_one_hot(classes):
-  # The compiled value-and-grad of the integer-label path keeps no (batch, C)
-  # temporary, only row-sized ones: 6 with few classes and 5 with more (the
-  # two forms of `jfocal.engine.softmax.SMALL_CLASSES`); a one-hot would add C.
-  rows = 1024
-  x = jnp.zeros((rows, classes), jnp.float32)
-  ids = jnp.zeros((rows,), jnp.int32)
-  step = jax.jit(jax.value_and_grad(lambda x: jnp.sum(jfocal.softmax_focal_loss(x, ids))))
+def _value_and_grad_temp(loss, shape):
+  x = jnp.zeros(shape, jnp.float32)
+  ids = jnp.zeros(shape[:1], jnp.int32)
+  step = jax.jit(jax.value_and_grad(lambda x: jnp.sum(loss(x, ids))))
   memory = compiled_as_users_get_it(step.lower(x)).memory_analysis()
   if memory is None:
     pytest.skip(f"no memory analysis on {jax.default_backend()}")
-  row_buffers = 6 if classes <= SMALL_CLASSES else 5
+  return memory.temp_size_in_bytes
+
+
+@pytest.mark.parametrize("classes", [16, SMALL_CLASSES, SMALL_CLASSES + 1, 81])
+def test_integer_labels_build_no_one_hot(classes):
+  # The compiled value-and-grad of the integer-label path keeps no (batch, C)
+  # temporary, only row-sized ones: 6 with few classes and 9 with more (the
+  # two forms of `jfocal.engine.softmax.SMALL_CLASSES`); a one-hot would add C.
+  rows = 1024
+  row_buffers = 6 if classes <= SMALL_CLASSES else 9
   scalars = 1024  # XLA's few scalar temporaries (128 bytes measured)
-  assert memory.temp_size_in_bytes <= row_buffers * rows * 4 + scalars, memory
+  temp = _value_and_grad_temp(jfocal.softmax_focal_loss, (rows, classes))
+  assert temp <= row_buffers * rows * 4 + scalars
+
+
+@pytest.mark.parametrize("classes", [SMALL_CLASSES + 1, 81])
+def test_z_loss_adds_no_logits_sized_temporary(classes):
+  # The z-loss's derivative reads the same exp array as the loss's; writing the
+  # target's entry into a copy of it would hold one logits-sized buffer more.
+  loss = functools.partial(jfocal.softmax_cross_entropy, z_loss=1e-4)
+  x_bytes = 1024 * classes * 4
+  assert _value_and_grad_temp(loss, (1024, classes)) < x_bytes / 2
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
