@@ -2,8 +2,9 @@
 
 Every case compiles all implementations first, then times them in interleaved
 rounds (one call of each per round, in a fresh seeded random order each round) in
-this one process, so that the machine's noise hits all of them alike; the table reports medians and ratios. Memory comes
-from XLA's `memory_analysis()` of the compiled value-and-grad.
+this one process, so that the machine's noise hits all of them alike; the table
+reports medians and ratios. Memory comes from XLA's `memory_analysis()` of the
+compiled value-and-grad.
 
     python benchmarks/run.py                 # the full sweep, writes results.md/.png
     python benchmarks/run.py --quick         # a small smoke run

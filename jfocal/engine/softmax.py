@@ -182,12 +182,11 @@ def class_ids(labels: jax.Array, ignore_index: int | None, num_classes: Any,
 # and the target's entry is set by a select against the class index; above it,
 # the shift tests a per-row predicate and the entry is scattered (one per row)
 # into the materialised exp and into the gradient, so that the loop computing
-# exp has no select.
-# The numbers are the same; the speed is not. On the CPU, value-and-grad of
-# softmax CE with class ids at 4M logits took 0.8-1.0x optax's CE time at
-# C = 16 and 32 with the first forms against 1.1-1.7x with the second, and
-# 1.0x at C = 1000 and 32768 with the second against 1.4-1.5x with the first
-# (benchmarks/run.py's softmax sweep, docs/performance.md).
+# exp has no select. The numbers are the same; the speed is not. On the CPU,
+# value-and-grad of softmax CE with class ids at 4M logits took 0.8-1.0x
+# optax's CE time at C = 16 and 32 with the first forms against 1.1-1.7x with
+# the second, and 1.0x at C = 1000 and 32768 with the second against 1.4-1.5x
+# with the first (benchmarks/run.py's softmax sweep, docs/performance.md).
 SMALL_CLASSES = 32
 
 
@@ -214,11 +213,17 @@ def _shift_jvp(small, primals, tangents):
   return _shift(*primals, small), tangents[0]
 
 
+def _selected_at_excluded(values: jax.Array, excluded: jax.Array, fill: jax.Array | float,
+                          axis: int) -> jax.Array:
+  """``values`` with ``fill`` at each row's excluded class, by a select against the class index."""
+  column = jax.lax.broadcasted_iota(excluded.dtype, values.shape, axis)
+  return jnp.where(column == excluded, fill, values)
+
+
 def _at_excluded(values: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
   """``values`` with 0 at each row's excluded class."""
   if small:
-    column = jax.lax.broadcasted_iota(excluded.dtype, values.shape, axis)
-    return jnp.where(column == excluded, 0, values)
+    return _selected_at_excluded(values, excluded, 0, axis)
   return jnp.put_along_axis(values, excluded, jnp.zeros((), values.dtype), axis=axis,
                             inplace=False)
 
@@ -231,8 +236,7 @@ def _dot_with_excluded(others: jax.Array, fill: jax.Array, tangent: jax.Array,
   into the gradient in place) rather than ``others`` copied with ``fill``.
   """
   if small:
-    column = jax.lax.broadcasted_iota(excluded.dtype, others.shape, axis)
-    return jnp.sum(jnp.where(column == excluded, fill, others) * tangent, axis=axis,
+    return jnp.sum(_selected_at_excluded(others, excluded, fill, axis) * tangent, axis=axis,
                    keepdims=True)
   return (jnp.sum(others * tangent, axis=axis, keepdims=True)
           + fill * jnp.take_along_axis(tangent, excluded, axis=axis))
