@@ -178,39 +178,38 @@ def class_ids(labels: jax.Array, ignore_index: int | None, num_classes: Any,
   return ids, in_range, invalid, mask
 
 
-# Up to this many classes the shift compares each logit with a per-row float
-# and the target's entry is set by a select against the class index; above it,
-# the shift tests a per-row predicate and the entry is scattered (one per row)
-# into the materialised exp and into the gradient, so that the loop computing
-# exp has no select. The numbers are the same; the speed is not. On the CPU,
+# Up to this many classes the target's 0 in the exp sum is set by a select
+# against the class index, in the loop that computes exp; above it, it is
+# scattered (one entry per row) into the materialised exp, so that this loop
+# has no select. The numbers are the same; the speed is not. On the CPU,
 # value-and-grad of softmax CE with class ids at 4M logits took 0.8-1.0x
-# optax's CE time at C = 16 and 32 with the first forms against 1.1-1.7x with
-# the second, and 1.0x at C = 1000 and 32768 with the second against 1.4-1.5x
-# with the first (benchmarks/run.py's softmax sweep, docs/performance.md).
+# optax's CE time at C = 16 to 40 with the select against 1.05-1.15x with the
+# scatter, and 1.0-1.2x from C = 64 on with the scatter against 1.1-1.4x with
+# the select (benchmarks/run.py's softmax sweep, docs/performance.md).
 SMALL_CLASSES = 32
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _shift(x: jax.Array, top: jax.Array, small: bool) -> jax.Array:
+@jax.custom_jvp
+def _shift(x: jax.Array, top: jax.Array) -> jax.Array:
   """``x - top``, with 0 instead of ``inf - inf`` in a row whose maximum is infinite.
 
   Then the +inf logits of a row share its probability (a +inf target has
-  loss 0, a finite one +inf) and a row of -inf logits is uniform. ``small``
-  (see `SMALL_CLASSES`) picks the form XLA compiles faster, with the same
-  result: ``pinned``, the row's maximum where it is infinite and NaN where
-  it is not, equals no logit of a finite row (not even a NaN one).
+  loss 0, a finite one +inf) and a row of -inf logits is uniform. ``pinned``,
+  the row's maximum where it is infinite and NaN where it is not, equals no
+  logit of a finite row (not even a NaN one): a compare with a per-row
+  float, which XLA compiles faster than a per-row predicate
+  (``(x == top) & isinf(top)``) broadcast across the classes (0.6-1.0x
+  against 1.1-1.7x optax's CE time from 16 to 48 classes, equal above).
   """
-  if small:
-    pinned = jnp.where(jnp.isinf(top), top, jnp.nan)
-    return jnp.where(x == pinned, 0, x - top)
-  return jnp.where((x == top) & jnp.isinf(top), 0, x - top)
+  pinned = jnp.where(jnp.isinf(top), top, jnp.nan)
+  return jnp.where(x == pinned, 0, x - top)
 
 
 @_shift.defjvp
-def _shift_jvp(small, primals, tangents):
+def _shift_jvp(primals, tangents):
   # d(x - top)/dx = 1 also where the value is pinned to 0, so an infinite logit
   # keeps the limit of its gradient; top is a constant (stop_gradient).
-  return _shift(*primals, small), tangents[0]
+  return _shift(*primals), tangents[0]
 
 
 def _selected_at_excluded(values: jax.Array, excluded: jax.Array, fill: jax.Array | float,
@@ -229,17 +228,16 @@ def _at_excluded(values: jax.Array, excluded: jax.Array, axis: int, small: bool)
 
 
 def _dot_with_excluded(others: jax.Array, fill: jax.Array, tangent: jax.Array,
-                       excluded: jax.Array, axis: int, small: bool) -> jax.Array:
+                       excluded: jax.Array, axis: int) -> jax.Array:
   """``sum_c v_c tangent_c`` for ``v = others`` (0 at the excluded class) with ``fill`` there.
 
-  With many classes the excluded tangent is gathered (its transpose scatters
-  into the gradient in place) rather than ``others`` copied with ``fill``.
+  A select against the class index, at every class count: its transpose
+  writes the gradient in one elementwise loop, where a gathered tangent
+  would add a scatter over the rows (slower from 33 to about 256 classes
+  and no faster above; see `SMALL_CLASSES`).
   """
-  if small:
-    return jnp.sum(_selected_at_excluded(others, excluded, fill, axis) * tangent, axis=axis,
-                   keepdims=True)
-  return (jnp.sum(others * tangent, axis=axis, keepdims=True)
-          + fill * jnp.take_along_axis(tangent, excluded, axis=axis))
+  return jnp.sum(_selected_at_excluded(others, excluded, fill, axis) * tangent, axis=axis,
+                 keepdims=True)
 
 
 def _normalizer_parts(shifted: jax.Array, excluded: jax.Array, axis: int,
@@ -268,7 +266,7 @@ def _log_sum_jvp(axis, small, primals, tangents):
   shifted, excluded = primals
   others, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
   # The softmax's numerators, with the excluded class's put back.
-  tangent = _dot_with_excluded(others, jnp.exp(shifted_k), tangents[0], excluded, axis, small)
+  tangent = _dot_with_excluded(others, jnp.exp(shifted_k), tangents[0], excluded, axis)
   return log_sum, tangent * jnp.exp(-log_sum)
 
 
@@ -285,7 +283,7 @@ def _excluded_nll_jvp(axis, small, primals, tangents):
   others, rest, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
   # d(-log p_k) = sum_c p_c ds_c - ds_k. The coefficient of ds_k, p_k - 1, is
   # -rest / S: exact as p_k -> 1.
-  tangent = _dot_with_excluded(others, -rest, tangents[0], excluded, axis, small)
+  tangent = _dot_with_excluded(others, -rest, tangents[0], excluded, axis)
   return log_sum - shifted_k, tangent * jnp.exp(-log_sum)
 
 
@@ -313,7 +311,7 @@ def log_normalizer(inputs: SoftmaxInputs) -> LogNormalizer:
   x, axis = inputs.x, inputs.axis
   small = inputs.num_classes <= SMALL_CLASSES
   top = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
-  shifted = _shift(x, top, small)
+  shifted = _shift(x, top)
   excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
   excluded = jnp.expand_dims(excluded, axis)
   return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis, small),
