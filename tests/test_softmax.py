@@ -11,7 +11,6 @@ from hypothesis import given, strategies as st
 
 import jfocal
 from jfocal.engine import softmax as engine
-from jfocal.engine.softmax import SMALL_CLASSES
 import references as ref
 import strategies as S
 from helpers import assert_close, compiled_as_users_get_it, on_reference_device, optional_array
@@ -178,19 +177,19 @@ def _value_and_grad_temp(loss, shape):
   return memory.temp_size_in_bytes
 
 
-@pytest.mark.parametrize("classes", [16, SMALL_CLASSES, SMALL_CLASSES + 1, 81])
+@pytest.mark.parametrize("classes", [16, engine.SMALL_CLASSES, engine.SMALL_CLASSES + 1, 81])
 def test_integer_labels_build_no_one_hot(classes):
   # The compiled value-and-grad of the integer-label path keeps no (batch, C)
   # temporary, only row-sized ones: 6 with few classes and 7 with more (the
   # two forms of `jfocal.engine.softmax.SMALL_CLASSES`); a one-hot would add C.
   rows = 1024
-  row_buffers = 6 if classes <= SMALL_CLASSES else 7
+  row_buffers = 6 if classes <= engine.SMALL_CLASSES else 7
   scalars = 1024  # XLA's few scalar temporaries (128 bytes measured)
   temp = _value_and_grad_temp(jfocal.softmax_focal_loss, (rows, classes))
   assert temp <= row_buffers * rows * 4 + scalars
 
 
-@pytest.mark.parametrize("classes", [SMALL_CLASSES + 1, 81])
+@pytest.mark.parametrize("classes", [engine.SMALL_CLASSES + 1, 81])
 def test_z_loss_adds_no_logits_sized_temporary(classes):
   # The z-loss's derivative reads the same exp array as the loss's; writing the
   # target's entry into a copy of it would hold one logits-sized buffer more.
