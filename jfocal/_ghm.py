@@ -222,6 +222,6 @@ def ghmc_loss(logits: ArrayLike, labels: ArrayLike, *, bins: int = 10,
                                               momentum=momentum, state=state,
                                               axis_name=axis_name)
   x, factor = sigmoid.fold(inputs, weight=harmonizer)
-  value = focal_term(x, inputs.y, factor, *numerics.split(0.0, inputs.dtype))
+  value = focal_term(x, inputs.y, factor, *numerics.split(0.0, inputs.dtype), False)
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name), new_state

@@ -254,8 +254,8 @@ def linear_softmax_focal_loss(features: ArrayLike, kernel: ArrayLike, labels: Ar
     alpha: optional per-class weights of shape ``[V]`` (sharded as the
       kernel's columns), finite and >= 0; may be traced and differentiated.
     gamma: focusing parameter >= 0. A Python number specialises the program
-      (integers become multiplications); an array is traced and
-      differentiable.
+      (integers become multiplications, and 1.5, 2.5, ... a square root as
+      well); an array is traced and differentiable.
     weights: per-token weights broadcastable to ``labels.shape``.
     where: a boolean per-token mask broadcastable to ``labels.shape``.
     ignore_index: ids equal to it are masked like ``where``.

@@ -137,10 +137,10 @@ def _varifocal_value(f: sigmoid.Folded, q: jax.Array, factor: jax.Array | float,
   return factor * jnp.where(q > 0, positive, negative)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7))
 def varifocal_term(x: jax.Array, q: jax.Array, factor: jax.Array, alpha: jax.Array,
                    gamma: jax.Array, static_gamma: float | None,
-                   iou_weighted: bool) -> jax.Array:
+                   iou_weighted: bool, summed: bool) -> jax.Array:
   """``factor q CE(x, q)`` (or ``CE``) where ``q > 0``, ``factor alpha sigmoid(x)**gamma CE(x, 0)`` where 0."""
   return numerics.fence(_varifocal_term_value(x, q, factor, alpha,
                                              numerics.pick(gamma, static_gamma), iou_weighted))
@@ -154,7 +154,7 @@ def _varifocal_term_value(x: jax.Array, q: jax.Array, factor: jax.Array, alpha: 
 
 
 @functools.partial(varifocal_term.defjvp, symbolic_zeros=True)
-def _varifocal_term_jvp(static_gamma, iou_weighted, primals, tangents):
+def _varifocal_term_jvp(static_gamma, iou_weighted, summed, primals, tangents):
   x, q, factor, alpha, gamma_array = primals
   x_dot, q_dot, factor_dot, alpha_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
@@ -168,11 +168,20 @@ def _varifocal_term_jvp(static_gamma, iou_weighted, primals, tangents):
     d_ce = f.v - f.sigmoid_minus_z
     d_positive = q * d_ce if iou_weighted else d_ce
     d_negative = d_ce
-    if not numerics.is_static_zero(gamma):
+    focusing = not numerics.is_static_zero(gamma)
+    # Summed, with a weight that needs no logarithm, the focusing term reads the
+    # value (factor alpha weight CE on the negatives) instead of recomputing
+    # log1p, as the sigmoid focal core does.
+    shares_value = focusing and summed and numerics.is_algebraic(gamma)
+    if focusing and not shares_value:
       # The sigmoid focal core's derivative at target 0 (there u - v = +-1).
       d_negative = d_negative + gamma * (f.pq_over_m() * cross_entropy) * (f.v - f.u)
     d_negative = alpha * (weight * d_negative)
     d_dz = factor * jnp.where(positive, d_positive, d_negative)
+    if shares_value:
+      pq_over_m = f.pq_over_m()  # it vanishes where the value is infinite
+      d_focus = jnp.where(pq_over_m == 0, 0, pq_over_m * value)
+      d_dz = d_dz + jnp.where(positive, 0, gamma * d_focus * (f.v - f.u))
     tangent = tangent + numerics.reads(value, f.signed(d_dz)) * x_dot
   if not isinstance(q_dot, SymbolicZero):
     # Only the positive branch depends on q: d(q CE)/dq = CE + q dCE/dq, dCE/dq = -x.
@@ -357,6 +366,6 @@ def varifocal_loss(logits: ArrayLike, targets: Targets, *, alpha: ArrayLike | No
   alpha = jnp.ones((), inputs.dtype) if alpha is None else alpha
   gamma = checks.parameter(gamma, "gamma")
   value = varifocal_term(x, inputs.y, factor, alpha, *numerics.split(gamma, inputs.dtype),
-                         bool(iou_weighted))
+                         bool(iou_weighted), sigmoid.summed(reduction))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)

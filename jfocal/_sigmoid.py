@@ -34,33 +34,39 @@ def _weighted_value(x: jax.Array, y: jax.Array, factor: jax.Array,
           / jax.lax.integer_pow(1 + f.e, exponent))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma: jax.Array,
-               static_gamma: float | None) -> jax.Array:
+               static_gamma: float | None, summed: bool) -> jax.Array:
   """``factor * (1 - p_t)**gamma * CE(x, y)`` elementwise, for logits x and targets y in [0, 1].
 
   ``factor`` comes from `jfocal.engine.sigmoid.fold`: where it is 0, ``x`` is
   not infinite. ``gamma`` is the array of `jfocal.engine.numerics.split`,
-  ``static_gamma`` its static value or None. The value is fenced
+  ``static_gamma`` its static value or None; ``summed`` is
+  `jfocal.engine.sigmoid.summed`. The value is fenced
   (`jfocal.engine.numerics.fence`): materialised, then summed.
   """
   return numerics.fence(_weighted_value(x, y, factor, numerics.pick(gamma, static_gamma)))
 
 
 @functools.partial(focal_term.defjvp, symbolic_zeros=True)
-def _focal_term_jvp(static_gamma, primals, tangents):
+def _focal_term_jvp(static_gamma, summed, primals, tangents):
   x, y, factor, gamma_array = primals
   x_dot, y_dot, factor_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
-  shares_value = numerics.integer_exponent(gamma) is not None
+  # Where the weight needs no logarithm (an integer or k + 1/2 gamma), the
+  # x-derivative reads the value instead of recomputing log1p. The value then
+  # has two users (its sum and this rule) and, ending in a division, is
+  # materialised once; the gradient is written over it in place, so the loop
+  # that computes the loss runs first, with no temporary buffer. Under a
+  # caller's jnp.sum of the unreduced loss XLA keeps the value alive beside
+  # the gradient instead: k + 1/2 then recomputes (no temporary), while an
+  # integer gamma keeps the documented trade of one temporary for speed.
+  shares_value = numerics.integer_exponent(gamma) is not None or (
+      summed and numerics.is_algebraic(gamma))
   focusing = not numerics.is_static_zero(gamma)
   value = _weighted_value(x, y, factor, gamma)
   # Recomputed from fenced inputs rather than shared with the value: on the
   # CPU, XLA would otherwise write exp, log1p and 1/(1+e) to memory for both.
-  # With integer gamma the x-derivative reads the value instead of log1p; the
-  # value then has two users (its sum and this rule) and, ending in a division,
-  # is materialised once; the gradient is written over it in place, so the
-  # loop that computes the loss runs first, with no temporary buffer.
   f = sigmoid.folded(numerics.derivative_logits(x), numerics.fence(y))
   weight = numerics.power(f.one_minus_p_t, gamma, f.log_m)
   tangent = jnp.zeros_like(value)
@@ -129,8 +135,9 @@ def sigmoid_focal_loss(logits: ArrayLike, labels: ArrayLike, *,
       a number in [0, 1], a per-class vector of shape ``(C,)``, or None for no
       weighting. May be traced. See :func:`jfocal.alpha_from_counts`.
     gamma: focusing parameter >= 0. A Python number specialises the compiled
-      program (integers become multiplications); an array is traced: a
-      ``jax.jit`` argument, vmappable, differentiable.
+      program (integers become multiplications, and 1.5, 2.5, ... a square
+      root as well); an array is traced: a ``jax.jit`` argument, vmappable,
+      differentiable.
     pos_weight: weight ``w > 0`` of the positive term of the cross-entropy, a
       number or a per-class vector of shape ``(C,)``, as in PyTorch's
       ``BCEWithLogitsLoss``: a target ``y`` becomes the target
@@ -178,7 +185,8 @@ def sigmoid_focal_loss(logits: ArrayLike, labels: ArrayLike, *,
                            pos_weight=pos_weight)
   x, factor = sigmoid.fold(inputs, alpha=alpha)
   gamma = checks.parameter(gamma, "gamma")
-  value = focal_term(x, inputs.y, factor, *numerics.split(gamma, inputs.dtype))
+  value = focal_term(x, inputs.y, factor, *numerics.split(gamma, inputs.dtype),
+                     sigmoid.summed(reduction))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
 

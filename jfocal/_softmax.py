@@ -128,8 +128,9 @@ def softmax_focal_loss(logits: ArrayLike, labels: ArrayLike, *, alpha: ArrayLike
       :func:`jfocal.class_balanced_alpha`); None (default) is no weighting.
       May be traced.
     gamma: focusing parameter >= 0. A Python number specialises the compiled
-      program (integers become multiplications); an array is traced: a
-      ``jax.jit`` argument, vmappable, differentiable.
+      program (integers become multiplications, and 1.5, 2.5, ... a square
+      root as well); an array is traced: a ``jax.jit`` argument, vmappable,
+      differentiable.
     axis: the class axis of ``logits`` (default -1), or a tuple of class axes,
       flattened in the given order; class ids are then flat indices into them,
       as in optax.

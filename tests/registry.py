@@ -84,7 +84,7 @@ class Loss:
     return self.reference(x, y, **self.options(num_classes, **params))
 
 
-GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.7)
+GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 2.5, 3.0, 4.7)
 SIGMOID_ALPHAS = (None, 0.0, 0.25, 1.0, per_class)
 
 LOSSES: dict[str, Loss] = {entry.name: entry for entry in [

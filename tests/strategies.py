@@ -7,8 +7,9 @@ from hypothesis.extra import numpy as hnp
 
 from helpers import FLOAT_DTYPES
 
-# Named values first (the paper's 2, the awkward 0 < gamma < 1), then any.
-gammas = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 2.0, 3.0]),
+# Named values first (the paper's 2, the awkward 0 < gamma < 1, YOLO's 1.5: a square
+# root), then any.
+gammas = st.one_of(st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]),
                    st.floats(0.0, 5.0, allow_nan=False))
 dtypes = st.sampled_from(FLOAT_DTYPES)
 batch_shapes = st.sampled_from([(), (3,), (2, 3)])

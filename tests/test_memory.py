@@ -75,7 +75,7 @@ def test_mean_and_a_callers_sum_keep_none_either(loss, case, how):
   assert value_and_grad_temp(loss, case, how) <= AT_MOST
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 2.5, 3.0])
 @pytest.mark.parametrize("case", ["dense", "ids"])
 def test_sigmoid_focal_loss_keeps_no_temporary_at_any_gamma(gamma, case):
   # An integer gamma takes another derivative (it reads the loss for its focusing term).

@@ -113,21 +113,27 @@ def test_value_and_gradients_match_float64_autodiff_of_the_reference(loss, data)
       value = loss(x, y, **params)
       return jnp.sum(value.astype(jnp.float32)), value
     (_, value), grads = jax.value_and_grad(total, argnums, has_aux=True)(x, y)
-    return value, grads
+    # A loss that sums itself may take another derivative (one that reads its value).
+    summed = jax.grad(lambda x, y: loss(x, y, reduction="sum", **params), argnums)(x, y)
+    return value, (grads, summed)
 
-  value, grads = evaluate(case.logits, case.labels)
+  value, (grads, summed) = evaluate(case.logits, case.labels)
   assert value.dtype == dtype
   assert_close(value, expected_value, dtype, what="loss")
   skip = _skip_cusps(loss, case)
   # d/dy of alpha_t(y) CE(x, y) is (2 alpha - 1) CE - alpha_t x at a hard target: two terms
   # of size |x| that may cancel, each rounded once.
   scales = (1.0, 1.0 + float(np.max(np.abs(case.x64), initial=0.0)))
-  for name, got, want, scale in zip(("d/dlogits", "d/dlabels"), grads, expected_grads, scales):
-    assert got.dtype == dtype
-    all_finite(**{name: got})
-    if skip is not None:
-      got, want = np.where(skip, 0.0, np.asarray(got.astype(jnp.float64))), np.where(skip, 0, want)
-    assert_close(got, want, dtype, what=name, scale=scale)
+  for how, derivatives in (("", grads), (' of reduction="sum"', summed)):
+    for name, got, want, scale in zip(("d/dlogits", "d/dlabels"), derivatives, expected_grads,
+                                      scales):
+      name += how
+      assert got.dtype == dtype
+      all_finite(**{name: got})
+      if skip is not None:
+        got = np.where(skip, 0.0, np.asarray(got.astype(jnp.float64)))
+        want = np.where(skip, 0, want)
+      assert_close(got, want, dtype, what=name, scale=scale)
 
 
 def _one_at_a_time(loss):
@@ -209,13 +215,19 @@ def _extreme_inputs(loss, dtype):
   return x, [y]
 
 
-def _derivatives(loss, x, y, **params):
-  """Loss, d/dx, d/dy (dense labels) and the Hessian's diagonal in x, by name."""
+def _derivatives(loss, x, y, summed=False, **params):
+  """Loss, d/dx, d/dy (dense labels) and the Hessian's diagonal in x, by name; with
+  ``summed``, also d/dx and the Hessian's diagonal of ``reduction="sum"``."""
   total = lambda x, y: jnp.sum(loss(x, y, **params).astype(jnp.float32))
+  hessian = lambda total: jax.jvp(lambda x: jax.grad(total)(x, y), (x,), (jnp.ones_like(x),))[1]
   results = {"loss": loss(x, y, **params).astype(jnp.float32), "d/dx": jax.grad(total)(x, y),
-             "d2/dx2": jax.jvp(lambda x: jax.grad(total)(x, y), (x,), (jnp.ones_like(x),))[1]}
+             "d2/dx2": hessian(total)}
   if jnp.issubdtype(y.dtype, jnp.floating):
     results["d/dy"] = jax.grad(total, 1)(x, y)
+  if summed:
+    total = lambda x, y: loss(x, y, reduction="sum", **params)
+    results["d/dx of reduction=sum"] = jax.grad(total)(x, y)
+    results["d2/dx2 of reduction=sum"] = hessian(total)
   return results
 
 
@@ -240,7 +252,8 @@ def _assert_finite_where_representable(results, whats, widen, dtype):
 def _code_paths(loss):
   """Static settings that reach every code path: each grid value of an option that is static
   or structural (None, a bool, a per-class vector, a bin count) and, of a hyper-parameter
-  whose Python numbers specialise the program (gamma), 0, a non-integer and an integer."""
+  whose Python numbers specialise the program (gamma), 0, an integer, a k + 1/2 above 1
+  (a square root) and another fraction."""
   specialising = program.REGISTRY[loss.fn].specialising
   settings = [{}]
   for name, values in loss.grid.items():
@@ -249,7 +262,9 @@ def _code_paths(loss):
       if value is None or isinstance(value, bool) or callable(value) or name not in loss.traced:
         settings.append({name: value})
       elif name in specialising:
-        path = "zero" if value == 0 else "integer" if float(value).is_integer() else "fraction"
+        value = float(value)
+        path = ("zero" if value == 0 else "integer" if value.is_integer()
+                else "half" if (2 * value).is_integer() and value > 1 else "fraction")
         representatives.setdefault(path, value)
     settings += [{name: value} for value in representatives.values()]
   # A setting that repeats the registry's own value (its default gamma, bins, ...) adds no path.
@@ -283,7 +298,7 @@ def test_loss_gradient_and_hessian_are_finite_at_extreme_logits(loss, dtype):
   defaults = loss.options(num_classes)
   wide_x = x.astype(jnp.float32)
   wide_labels = [y.astype(jnp.float32) if y.dtype == dtype else y for y in label_sets]
-  registry_setting = jax.jit(lambda x, labels: [_derivatives(loss, x, y, **defaults)
+  registry_setting = jax.jit(lambda x, labels: [_derivatives(loss, x, y, summed=True, **defaults)
                                                 for y in labels])
   lowered = registry_setting.lower(x, label_sets)
   users, suites = (lowered.compile(options)(x, label_sets)

@@ -356,19 +356,20 @@ def _exact_tail(margin, others, gamma):
 def test_relative_precision_as_p_t_tends_to_one(dtype):
   """A few ulp of the 40-digit value where the loss is representable, +0.0 below, never -0.0.
 
-  8 ulp for integer gamma; a non-integer power is exp(gamma log(1 - p)), whose
-  exponent carries the rounding of a logarithm of size |log(1 - p)|: another
-  gamma |log(1 - p)| ulp.
+  8 ulp for integer gamma and for k + 1/2 above 1 (a product and a square root);
+  another non-integer power is exp(gamma log(1 - p)), whose exponent carries
+  the rounding of a logarithm of size |log(1 - p)|: another gamma |log(1 - p)| ulp.
   """
   tiny, eps = float(jnp.finfo(dtype).tiny), float(jnp.finfo(dtype).eps)
   labels = {"ids": jnp.array([0]), "dense": jnp.asarray([[1.0, 0, 0, 0, 0]], dtype)}
-  for gamma in (0.0, 2.0, 0.5):
+  for gamma in (0.0, 2.0, 0.5, 1.5):
     for name, y in labels.items():
       eager = lambda x: jfocal.softmax_focal_loss(x, y, gamma=gamma)
       for loss in (eager, jax.jit(eager)):
         for margin in MARGINS:
           exact, log_one_minus_p, _ = _exact_tail(margin, 4, gamma)
-          ulps = 8 + (0 if float(gamma).is_integer() else gamma * abs(log_one_minus_p))
+          algebraic = gamma.is_integer() or (gamma > 1 and (2 * gamma).is_integer())
+          ulps = 8 + (0 if algebraic else gamma * abs(log_one_minus_p))
           value = float(loss(jnp.asarray([[margin, 0.0, 0.0, 0.0, 0.0]], dtype))[0])
           assert not np.signbit(value), f"-0.0 at margin {margin} ({name}, gamma {gamma})"
           if exact >= tiny:

@@ -2,7 +2,8 @@
 
 Hyper-parameters such as ``gamma`` come in two forms. A Python number is
 *static*: it specialises the compiled program (``gamma = 2`` becomes one
-multiplication, ``gamma = 0`` removes the modulating factor). An array or a
+multiplication, ``gamma = 1.5`` a multiplication and a square root,
+``gamma = 0`` removes the modulating factor). An array or a
 tracer is *traced*: one program serves every value, it can be a `jax.jit`
 argument, be vmapped over, and be differentiated. A core takes both as
 ``(array, static)``: `split` makes the pair, `pick` reads it, and a derivative
@@ -17,8 +18,9 @@ from jax import lax
 
 from jfocal.engine.types import Parameter
 
-# Integer gamma (2 is the paper's default) becomes repeated multiplication;
-# beyond this exponent the exp/log form is as cheap and just as exact.
+# Integer gamma (2 is the paper's default) becomes repeated multiplication, and
+# k + 1/2 (1.5 is YOLO's) a square root as well; beyond this exponent the
+# exp/log form is as cheap and just as exact.
 _MAX_INTEGER_POWER = 64
 
 
@@ -45,13 +47,27 @@ def integer_exponent(value: Parameter) -> int | None:
   return None
 
 
+def half_integer_exponent(value: Parameter) -> int | None:
+  """``k`` of a static exponent ``k + 1/2`` with ``k >= 1`` (1.5, 2.5, ...), or None."""
+  if (isinstance(value, float) and not value.is_integer() and (2 * value).is_integer()
+      and 1 < value <= _MAX_INTEGER_POWER):
+    return int(value)
+  return None
+
+
+def is_algebraic(value: Parameter) -> bool:
+  """Whether `power` takes no logarithm: a static exponent that is an integer or ``k + 1/2``."""
+  return integer_exponent(value) is not None or half_integer_exponent(value) is not None
+
+
 def power(base: jax.Array, exponent: Parameter, log_base: jax.Array | None = None) -> jax.Array:
   """``base ** exponent`` for ``base`` in [0, 1] and ``exponent >= 0``, with finite derivatives.
 
   ``jnp.power`` differentiates to ``exponent * base ** (exponent - 1)``, which
   is ``inf * 0 = nan`` at ``base = 0`` for ``exponent < 1`` (and ``0 * log 0`` at
-  ``exponent = 0``). Here a static integer exponent is a multiplication, and
-  any other exponent goes through a logarithm: ``log_base`` when the caller
+  ``exponent = 0``). Here a static integer exponent is a multiplication, a
+  static ``k + 1/2`` (``k >= 1``) is ``base**k sqrt(base)``, and any other
+  exponent goes through a logarithm: ``log_base`` when the caller
   has it exactly (also where ``base`` underflows), or a guarded ``log``. Where
   the logarithm is ``-inf`` (``base = 0``) the result is its limit, 0 (1 for
   a zero exponent), a constant whose derivatives are 0: the tangent of
@@ -62,6 +78,15 @@ def power(base: jax.Array, exponent: Parameter, log_base: jax.Array | None = Non
   integer = integer_exponent(exponent)
   if integer is not None:
     return lax.integer_pow(base, integer)
+  half = half_integer_exponent(exponent)
+  if half is not None:
+    # One square root in place of an exp and a log, and two roundings where
+    # exp(exponent log base) errs by |exponent log base| ulps. With exponent > 1
+    # the power is below base, so it underflows wherever base does and needs no
+    # log_base; the select keeps sqrt's infinite slope at 0 out of the Hessian.
+    positive = base > 0
+    safe = jnp.where(positive, base, 1)
+    return jnp.where(positive, lax.integer_pow(safe, half) * jnp.sqrt(safe), 0)
   static = isinstance(exponent, float)
   if log_base is None:
     positive = base > 0

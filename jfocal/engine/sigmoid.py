@@ -275,6 +275,16 @@ def fold(inputs: SigmoidInputs, *, alpha: Any = None,
   return x, reducing.invalid_to_nan(factor, inputs.invalid)
 
 
+def summed(reduction: Any) -> bool:
+  """Whether `reduce` sums the value (``"sum"``, ``"mean"``): then its sum is its only reader.
+
+  A core's derivative rule may then read the value instead of recomputing its
+  logarithms at no memory cost; under a caller's ``jnp.sum`` of the unreduced
+  loss, XLA would keep the value alive beside the gradient.
+  """
+  return reduction in ("sum", "mean")
+
+
 def reduce(value: jax.Array, inputs: SigmoidInputs, *, reduction: Any, normalizer: Any,
            axis_name: Any) -> jax.Array:
   """The reduction of a core's value (which carries the folded factor)."""
