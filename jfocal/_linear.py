@@ -148,7 +148,10 @@ def linear_softmax_cross_entropy(features: ArrayLike, kernel: ArrayLike, labels:
     features: float array of shape ``[..., d]`` (e.g. ``[batch, seq, d]``), the
       last hidden states. bfloat16 and float16 are multiplied as they are,
       with float32 accumulation (``preferred_element_type``); the loss is
-      computed in float32 (float64 for float64 inputs).
+      computed in float32 (float64 for float64 inputs). The products take
+      JAX's matmul precision, as ``features @ kernel`` does: on a GPU or TPU
+      float32 may be multiplied as TensorFloat-32 or bfloat16 unless
+      ``jax.default_matmul_precision("float32")`` is set.
     kernel: float array of shape ``[d, V]``, the layout of a Flax ``nn.Dense``
       or ``nnx.Linear`` kernel (its vocabulary shard, with ``vocab_axis_name``).
     labels: integer class ids of shape ``[...]`` (``features.shape[:-1]``);

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import SUITE_XLA_OPTIONS, XLA_DEFAULTS
+from conftest import SUITE_XLA_OPTIONS, XLA_DEFAULTS, cpu_compiler_options
 
 FLOAT_DTYPES = (jnp.float64, jnp.float32, jnp.bfloat16, jnp.float16)
 
@@ -33,8 +33,9 @@ REFERENCE_DEVICE = jax.devices("cpu")[0]
 # JFOCAL_TEST_DEFAULT_COMPILER. Only the oracle is compiled at -O0, which rounds
 # differently from -O2: the implementation under test gets the suite's settings, which
 # give XLA's default results (bitwise, but for 1 ulp on AVX-512 CPUs: test_references.py).
-REFERENCE_COMPILER_OPTIONS = {**SUITE_XLA_OPTIONS, "xla_backend_optimization_level": 0,
-                              "xla_llvm_disable_expensive_passes": True}
+REFERENCE_COMPILER_OPTIONS = cpu_compiler_options(
+    {**SUITE_XLA_OPTIONS, "xla_backend_optimization_level": 0,
+     "xla_llvm_disable_expensive_passes": True})
 
 
 def compiled_as_users_get_it(lowered):

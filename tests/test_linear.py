@@ -138,12 +138,15 @@ def _problem(tokens=64, d=16, vocab=300, seed=0, scale=1.0):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_narrow_inputs_match_the_materialised_loss_and_keep_their_dtypes(kind, dtype):
   """float32 within float32's tolerance of float64; bfloat16 features and kernel are multiplied
-  as they are (float32 accumulation) and their gradients come back in bfloat16."""
+  as they are (float32 accumulation) and their gradients come back in bfloat16. Both at
+  float32's matmul precision, which a GPU's default (TensorFloat-32) is not: there d/dfeatures
+  in float32 was 5e-4 off."""
   features, kernel, bias, labels = _problem()
   features, kernel, bias = (jnp.asarray(a).astype(dtype) for a in (features, kernel, bias))
   keywords = dict(label_smoothing=0.1, z_loss=1e-3, reduction="mean")
-  value, grads = jax.jit(functools.partial(value_and_grads, functools.partial(
-      _fused_call, kind, 128), labels=labels, **keywords))(features, kernel, bias)
+  with jax.default_matmul_precision("float32"):
+    value, grads = jax.jit(functools.partial(value_and_grads, functools.partial(
+        _fused_call, kind, 128), labels=labels, **keywords))(features, kernel, bias)
   expected, expected_grads = on_reference_device(functools.partial(
       value_and_grads, functools.partial(reference_loss, kind), labels=labels, **keywords))(
           features, kernel, bias)
