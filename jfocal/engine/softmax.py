@@ -185,7 +185,12 @@ def class_ids(labels: jax.Array, ignore_index: int | None, num_classes: Any,
 # value-and-grad of softmax CE with class ids at 4M logits took 0.8-1.0x
 # optax's CE time at C = 16 to 40 with the select against 1.05-1.15x with the
 # scatter, and 1.0-1.2x from C = 64 on with the scatter against 1.1-1.4x with
-# the select (benchmarks/run.py's softmax sweep, docs/performance.md).
+# the select (benchmarks/run.py's softmax sweep, docs/performance.md). Other
+# platforms select at every class count: on an H200 (benchmarks/gpu.py, 2**27
+# logits, softmax focal loss with class ids) the scatter took 1.46 ms at C = 81
+# against 0.86 ms with the select (optax's CE: 0.80 ms) and 0.79 against 0.54 ms
+# at C = 1000 (optax: 0.53 ms), and in bfloat16 at C = 81 it kept a temporary of
+# 2.1x the logits' bytes against 0.15x.
 SMALL_CLASSES = 32
 
 
@@ -220,11 +225,22 @@ def _selected_at_excluded(values: jax.Array, excluded: jax.Array, fill: jax.Arra
 
 
 def _at_excluded(values: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
-  """``values`` with 0 at each row's excluded class."""
-  if small:
+  """``values`` with 0 at each row's excluded class.
+
+  Above `SMALL_CLASSES` the CPU scatters it; other platforms select at every
+  class count (chosen per platform inside the program, as
+  `jfocal.engine.numerics.fence`).
+  """
+  def select(values, excluded):
     return _selected_at_excluded(values, excluded, 0, axis)
-  return jnp.put_along_axis(values, excluded, jnp.zeros((), values.dtype), axis=axis,
-                            inplace=False)
+
+  def scatter(values, excluded):
+    return jnp.put_along_axis(values, excluded, jnp.zeros((), values.dtype), axis=axis,
+                              inplace=False)
+
+  if small:
+    return select(values, excluded)
+  return jax.lax.platform_dependent(values, excluded, cpu=scatter, default=select)
 
 
 def _dot_with_excluded(others: jax.Array, fill: jax.Array, tangent: jax.Array,
