@@ -18,11 +18,13 @@ QFL is ``|delta|**beta * CE``. Its derivatives are
 For a static integer ``beta`` (2 is the paper's) ``sign(delta) |delta|**(beta - 1)``
 is the polynomial ``delta**(beta - 1)`` (times ``sign(delta)`` for odd
 ``beta``), so that second derivatives are exact also at ``delta = 0``.
-Otherwise ``|delta|**(beta - 1) sigma(z) sigma(-z)`` is evaluated as one
-exponential of ``(beta - 1) log|delta| + log sigma(z) + log sigma(-z)``, all
-three logarithms exact (``log|delta| = log|v - u e| - log1p(e)``, or
-``-z - log1p(e)`` for a certain target where ``u e`` may underflow): it never
-overflows where ``delta`` is tiny. At ``delta = 0`` (the prediction equals a
+For a static ``k + 1/2`` above 1 (1.5, 2.5, ...) it is ``|delta|**(k - 1)
+sqrt|delta|``, with no logarithm (the derivatives' ``|delta|**beta`` is that
+times ``|delta|``). Otherwise ``|delta|**(beta - 1) sigma(z) sigma(-z)`` is
+evaluated as one exponential of ``(beta - 1) log|delta| + log sigma(z) + log
+sigma(-z)``, all three logarithms exact (``log|delta| = log|v - u e| -
+log1p(e)``, or ``-z - log1p(e)`` for a certain target where ``u e`` may
+underflow): it never overflows where ``delta`` is tiny. At ``delta = 0`` (the prediction equals a
 soft target) QFL has its minimum 0 and a cusp for ``beta < 1`` (a kink for
 ``beta = 1``); the derivative there is taken as 0, a subgradient.
 
@@ -94,6 +96,17 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
     # (times sign(delta) for odd beta): exact second derivatives, also at delta = 0.
     power = lax.integer_pow(delta, exponent - 1) if exponent > 1 else jnp.ones_like(delta)
     slope_u = beta * (power if exponent % 2 == 0 else power * direction)
+    slope_z = slope_u * (f.sigmoid_z * f.sigmoid_minus_z)
+    slope_u = slope_u * cross_entropy
+  elif (half := numerics.half_integer_exponent(beta)) is not None:
+    # beta = k + 1/2: |delta|**(beta - 1) is |delta|**(k - 1) sqrt|delta|, no logarithm.
+    # From delta itself, as the value's weight: delta underflows only where y and sigma
+    # are both below 1e-30 or within e**-100 of 1, and there both of the slope's
+    # products below (with sigma sigma' and with CE) underflow too.
+    abs_delta = jnp.abs(delta)
+    root = numerics.half_power(abs_delta, half - 1)
+    weight = root * abs_delta  # |delta|**beta from the same square root
+    slope_u = beta * direction * root
     slope_z = slope_u * (f.sigmoid_z * f.sigmoid_minus_z)
     slope_u = slope_u * cross_entropy
   elif focusing:
@@ -249,7 +262,8 @@ def quality_focal_loss(logits: ArrayLike, scores: Targets, *, beta: Parameter = 
       ``normalizer="num_positives"`` counts foreground anchors (also those
       whose score is 0), otherwise targets > 0.
     beta: focusing parameter >= 0 (default 2, the paper's). A Python number
-      specialises the program (integers become multiplications); an array is
+      specialises the program (integers become multiplications, and 1.5,
+      2.5, ... a square root as well); an array is
       traced (a ``jax.jit`` argument, vmappable, differentiable).
     weights: per-element weights broadcastable to the unreduced loss.
     where: boolean mask broadcastable to the unreduced loss; masked entries

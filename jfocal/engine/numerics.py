@@ -60,6 +60,16 @@ def is_algebraic(value: Parameter) -> bool:
   return integer_exponent(value) is not None or half_integer_exponent(value) is not None
 
 
+def half_power(base: jax.Array, k: int) -> jax.Array:
+  """``base**(k + 1/2)`` for ``base >= 0`` and an integer ``k >= 0``: ``base**k sqrt(base)``.
+
+  The select keeps the square root's infinite slope at 0 out of the derivatives.
+  """
+  positive = base > 0
+  safe = jnp.where(positive, base, 1)
+  return jnp.where(positive, lax.integer_pow(safe, k) * jnp.sqrt(safe), 0)
+
+
 def power(base: jax.Array, exponent: Parameter, log_base: jax.Array | None = None) -> jax.Array:
   """``base ** exponent`` for ``base`` in [0, 1] and ``exponent >= 0``, with finite derivatives.
 
@@ -83,10 +93,8 @@ def power(base: jax.Array, exponent: Parameter, log_base: jax.Array | None = Non
     # One square root in place of an exp and a log, and two roundings where
     # exp(exponent log base) errs by |exponent log base| ulps. With exponent > 1
     # the power is below base, so it underflows wherever base does and needs no
-    # log_base; the select keeps sqrt's infinite slope at 0 out of the Hessian.
-    positive = base > 0
-    safe = jnp.where(positive, base, 1)
-    return jnp.where(positive, lax.integer_pow(safe, half) * jnp.sqrt(safe), 0)
+    # log_base.
+    return half_power(base, half)
   static = isinstance(exponent, float)
   if log_base is None:
     positive = base > 0
