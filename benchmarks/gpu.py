@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,10 +30,9 @@ import optax
 import jfocal
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import run as bench  # noqa: E402  (the floor kernel and the inputs of `make bench`)
+import run as bench  # noqa: E402  (the floor kernel, inputs and timer of `make bench`)
 
 LOG2_ELEMENTS = 27
-ALPHA, GAMMA = bench.ALPHA, bench.GAMMA
 
 CANDIDATES = {
     "sigmoid": {
@@ -53,28 +51,6 @@ CANDIDATES = {
 CASES = [("sigmoid", 80), ("softmax", 81), ("softmax", 1000), ("softmax", 32768)]
 
 
-def seconds_per_call(fn, *args, repeats: int = 5) -> float:
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  once = time.perf_counter() - once
-  calls = int(np.clip(0.05 / max(once, 1e-6), 5, 500))  # about 50 ms a loop
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    for _ in range(calls):
-      out = fn(*args)
-    jax.block_until_ready(out)
-    best = min(best, (time.perf_counter() - start) / calls)
-  return best
-
-
-def copy_bandwidth() -> float:
-  x = jnp.ones((2 ** 28,), jnp.float32)
-  copy = jax.jit(lambda a: a * 1.5).lower(x).compile()
-  return 2 * x.nbytes / seconds_per_call(copy, x)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", type=pathlib.Path, default=bench.HERE)
@@ -82,7 +58,7 @@ def main() -> None:
   parser.add_argument("--log2-elements", type=int, default=LOG2_ELEMENTS)
   args = parser.parse_args()
   device = jax.devices()[0]
-  peak = copy_bandwidth()
+  peak = bench.copy_bandwidth()
   lines = [f"# {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}", "",
            f"Copy bound: {peak / 1e9:.0f} GB/s (a * 1.5 over 2**28 float32).", "",
            "| family | dtype | C | impl | ms | GB/s | x copy bound | x jfocal | temp / logits |",
@@ -99,7 +75,7 @@ def main() -> None:
         compiled = jax.jit(fn).lower(x, labels).compile()
         memory = compiled.memory_analysis()
         temp = None if memory is None else memory.temp_size_in_bytes / x.nbytes
-        times[impl] = seconds_per_call(compiled, x, labels)
+        times[impl] = bench.seconds_per_call(compiled, x, labels)
         if impl == "jfocal":
           hlo.append(f"===== {family} {jnp.dtype(dtype).name} C={classes}\n"
                      f"{compiled.as_text()}")
