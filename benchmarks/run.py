@@ -20,7 +20,8 @@ Peers per family (labels: ~1% positives for sigmoid, uniform class ids for softm
            softmax CE with PaLM's z-loss against the textbook CE plus z lse**2; each
            also as a caller's jnp.sum of the unreduced loss, and the floor
   softmax classes  softmax CE and focal loss against optax integer-label CE and the floor
-           at C = 16, 81, 1000 and 32768 (4M logits)
+           at C = 16, 81, 1000 and 32768 (4M logits, rows a multiple of 16), and at
+           C = 81 with an odd number of rows
   vocabulary  the fused linear + softmax losses (CE, focal, each with and without label
            smoothing) of 2048 tokens x 128 features -> V = 32768 classes against a dense
            matmul followed by optax's integer-label CE, value-and-grad in the features and
@@ -302,10 +303,22 @@ SOFTMAX_CLASSES = {
 }
 
 
-def run_softmax_classes(classes_list, elements, rounds, rng) -> list[Row]:
+def sweep_rows(elements: int, classes: int, odd: bool = False) -> int:
+  """Rows of the softmax sweep: ``elements // classes``, rounded down to a multiple of 16 as a
+  batch is, or made odd. XLA on the CPU does not vectorise a loop over the rows at all
+  when their number does not split evenly over its threads, and the softmax losses' work
+  per row (the precise log-normaliser, the focal factor) is then scalar."""
+  rows = max(elements // classes, 1)
+  if odd:
+    return rows | 1
+  return rows // 16 * 16 if rows >= 16 else rows
+
+
+def run_softmax_classes(cases, rounds, rng) -> list[Row]:
+  """``cases``: (classes, rows) pairs."""
   rows = []
-  for classes in classes_list:
-    x, ids = _inputs("softmax", elements, classes, jnp.float32, rng)
+  for classes, count in cases:
+    x, ids = _inputs("softmax", count * classes, classes, jnp.float32, rng)
     compiled = {impl: _compile(jax.value_and_grad(fn), x, ids)
                 for impl, fn in SOFTMAX_CLASSES.items()}
     compiled["floor"] = _compile(_floor, x, ids)
@@ -489,13 +502,15 @@ def headline(rows: list[Row]) -> list[str]:
           f"softmax focal value-and-grad with integer labels, {elements // classes} x "
           f"{classes}: {ours.median_s / peer.median_s:.3f}x the time of optax integer-label "
           f"CE ({target}); naive focal {naive.median_s / peer.median_s:.2f}x")
-  for classes in sorted({r.classes for r in rows if r.family == "softmax classes"}):
-    where = dict(family="softmax classes", classes=classes)
+  for classes, elements in sorted({(r.classes, r.elements) for r in rows
+                                   if r.family == "softmax classes"}):
+    where = dict(family="softmax classes", classes=classes, elements=elements)
     peer = _lookup(rows, impl="optax CE", **where)
     ce, focal = (_lookup(rows, impl=f"jfocal {name}", **where) for name in ("CE", "focal"))
-    lines.append(f"softmax with class ids, {peer.elements // classes} x {classes}: CE "
-                 f"{ce.median_s / peer.median_s:.2f}x optax's integer-label CE (target <= 1.0), "
-                 f"focal {focal.median_s / peer.median_s:.2f}x (target <= 1.1)")
+    count = elements // classes
+    lines.append(f"softmax with class ids, {count}{' (odd)' if count % 2 else ''} x {classes}: "
+                 f"CE {ce.median_s / peer.median_s:.2f}x optax's integer-label CE (target "
+                 f"<= 1.0), focal {focal.median_s / peer.median_s:.2f}x (target <= 1.1)")
   sigmoid = [r for r in rows if r.family == "extended" and r.dtype == "float32"
              and r.impl.startswith("jfocal ") and r.impl[7:] in registry.LOSSES
              and registry.LOSSES[r.impl[7:]].family == "sigmoid"]
@@ -596,7 +611,9 @@ def main() -> None:
   parser.add_argument("--softmax-classes", type=int, nargs="*", default=[16, 81, 1000, 32768],
                       help="C of the softmax sweep against optax's CE at --softmax-size")
   parser.add_argument("--softmax-size", type=int, default=22,
-                      help="log2 of the logits of the softmax sweep")
+                      help="log2 of the logits of the softmax sweep (rows: a multiple of 16)")
+  parser.add_argument("--softmax-odd-classes", type=int, nargs="*", default=[81],
+                      help="C of the softmax sweep's extra cases with an odd number of rows")
   parser.add_argument("--vocab-sizes", type=int, nargs="*", default=[32768, 131072],
                       help="V of the large-vocabulary cases; the largest is compiled for its "
                       "memory, not timed")
@@ -606,7 +623,7 @@ def main() -> None:
   args = parser.parse_args()
   if args.quick:
     args.sizes, args.classes, args.dtypes = [14, 16], [16], ["float32"]
-    args.softmax_classes, args.softmax_size = [16, 1000], 16
+    args.softmax_classes, args.softmax_size, args.softmax_odd_classes = [16, 1000], 16, []
 
   rng = np.random.default_rng(0)
   backend = jax.default_backend()
@@ -636,8 +653,9 @@ def main() -> None:
     print(f"  extended {dtype:8s} C={max(args.classes):<3d} {extended_elements:>8d} logits done "
           f"({time.perf_counter() - started:.0f} s)", flush=True)
   softmax_elements = 2 ** args.softmax_size
-  rows += run_softmax_classes(args.softmax_classes, softmax_elements,
-                              _rounds(softmax_elements, args.rounds), rng)
+  sweep = ([(c, sweep_rows(softmax_elements, c)) for c in args.softmax_classes]
+           + [(c, sweep_rows(softmax_elements, c, odd=True)) for c in args.softmax_odd_classes])
+  rows += run_softmax_classes(sweep, _rounds(softmax_elements, args.rounds), rng)
   print(f"  softmax C={args.softmax_classes} {softmax_elements:>8d} logits done "
         f"({time.perf_counter() - started:.0f} s)", flush=True)
   notes: list[str] = []

@@ -14,7 +14,7 @@ SCRIPT = pathlib.Path(__file__).parents[1] / "benchmarks" / "run.py"
 
 def test_quick_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
   monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--sizes", "10", "--classes", "4",
-                                    "--dtypes", "float32", "--rounds", "2", "--softmax-classes", "3", "40", "--softmax-size", "8", "--vocab-sizes", "96", "--vocab-tokens", "16",
+                                    "--dtypes", "float32", "--rounds", "2", "--softmax-classes", "3", "40", "--softmax-size", "8", "--softmax-odd-classes", "40", "--vocab-sizes", "96", "--vocab-tokens", "16",
                                     "--vocab-features", "8", "--out", str(tmp_path)])
   # The benchmark measures JAX's defaults (float32, standard promotion), not the suite's mode.
   with jax.enable_x64(False), jax.numpy_dtype_promotion("standard"):
@@ -31,7 +31,7 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
   assert "| sigmoid | float32 | 4 |" in table and "faster than optax" in table
   for name in registry.NAMES:
     assert f"| {name} | float32 | 4 |" in table
-  assert "| focal | 40 | 6 |" in table and "| CE | 3 | 85 |" in table
+  assert "| focal | 40 | 6 |" in table and "| CE | 3 | 80 |" in table and "| CE | 40 | 7 |" in table
   assert "sigmoid losses' time over the floor kernel" in table
   assert (tmp_path / "results.png").stat().st_size > 0
   assert "| linear_softmax_focal_loss | 96 |" in table

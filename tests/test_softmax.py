@@ -214,8 +214,8 @@ def test_the_few_and_the_many_class_forms_agree(dtype):
 
   def nll(x, small):  # -log p_k (class ids) and log sum exp (dense targets)
     shifted = engine._shift(x, top)
-    return (engine._excluded_nll(shifted, ids, 1, small)
-            + 0.5 * engine._log_sum(shifted, ids, 1, small))
+    return (engine._excluded_nll(shifted, ids, 1, small, False)
+            + 0.5 * engine._log_sum(shifted, ids, 1, small, False))
 
   for run in (lambda f: f, jax.jit):
     values = [run(functools.partial(nll, small=small))(x) for small in (True, False)]
@@ -225,6 +225,33 @@ def test_the_few_and_the_many_class_forms_agree(dtype):
   for derivative in (jax.grad, jax.hessian):
     few, many = (derivative(lambda x: jnp.sum(nll(x, small)))(x) for small in (True, False))
     assert_close(few, many, dtype, what=derivative.__name__)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_excluding_the_maximum_needs_no_exp_and_changes_nothing(dtype):
+  # Dense targets exclude each row's maximum, whose shifted logit is 0 (NaN in
+  # a NaN row): the engine then takes exp and expm1 of it as 1 + s and s. The
+  # values must be those of the general form bit for bit, and the derivatives too.
+  inf, big = np.inf, float(jnp.finfo(dtype).max)
+  special = np.array([[inf, 1, -inf, inf], [-inf] * 4, [0, -inf, 2, 3], [inf, -inf, -inf, 5],
+                      [big, inf, -big, 0], [-big, -inf, -inf, -big], [np.nan, 1, 2, 3],
+                      [1, np.nan, 2, 3], [1e-30, 0, -0.0, 88], [0, 200, -200, 0]])
+  finite = np.random.default_rng(1).normal(size=(8, 4)) * 30
+  x = jnp.asarray(np.concatenate([special, finite]), dtype)
+
+  def both(x, at_maximum):
+    top = jax.lax.stop_gradient(jnp.max(x, axis=1, keepdims=True))
+    shifted, top_id = engine._shift(x, top), jnp.argmax(x, axis=1)[:, None]
+    return (engine._excluded_nll(shifted, top_id, 1, True, at_maximum)
+            + 0.5 * engine._log_sum(shifted, top_id, 1, True, at_maximum))
+
+  for run in (lambda f: f, jax.jit):
+    shortcut, general = (run(functools.partial(both, at_maximum=flag))(x) for flag in (True, False))
+    np.testing.assert_array_equal(shortcut, general)
+  for derivative in (jax.grad, jax.hessian):
+    shortcut, general = (derivative(lambda x: jnp.sum(both(x, flag)))(x[len(special):])
+                         for flag in (True, False))
+    assert_close(shortcut, general, dtype, what=derivative.__name__)
 
 
 @pytest.mark.parametrize("classes", [engine.SMALL_CLASSES + 1, 81, 1000])

@@ -256,51 +256,81 @@ def _dot_with_excluded(others: jax.Array, fill: jax.Array, tangent: jax.Array,
                  keepdims=True)
 
 
-def _normalizer_parts(shifted: jax.Array, excluded: jax.Array, axis: int,
-                      small: bool) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """``(others, rest, shifted_k, log_sum)`` for one excluded class ``k`` per row.
+class _Parts(NamedTuple):
+  """The pieces of the log-normaliser for one excluded class ``k`` per row (class axis kept)."""
+  others: jax.Array     # exp(shifted), 0 at k
+  rest: jax.Array       # the sum of others
+  shifted_k: jax.Array
+  exp_k: jax.Array      # exp(shifted_k)
+  excess: jax.Array     # rest + expm1(shifted_k) = sum_c exp(shifted_c) - 1, without its rounding
 
-  ``others`` is ``exp(shifted)`` with 0 at ``k`` and ``rest`` its sum, so that
-  ``log_sum = log1p(rest + expm1(shifted_k))``. The derivative rules reuse
-  ``others``: XLA on the CPU writes it to memory for its reduction kernel
-  anyway, and the gradient then costs one multiplication per logit.
+
+def _normalizer_parts(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool,
+                      at_maximum: bool) -> _Parts:
+  """`_Parts`, so that ``log_sum = log1p(excess)``.
+
+  The derivative rules reuse ``others``: XLA on the CPU writes it to memory
+  for its reduction kernel anyway, and the gradient then costs one
+  multiplication per logit.
   """
   others = _at_excluded(jnp.exp(shifted), excluded, axis, small)
   rest = jnp.sum(others, axis=axis, keepdims=True)
   shifted_k = jnp.take_along_axis(shifted, excluded, axis=axis)
-  return others, rest, shifted_k, jnp.log1p(rest + jnp.expm1(shifted_k))
+  if at_maximum:
+    # shifted_k is 0 (NaN in a row with a NaN): exp and expm1 are exactly
+    # 1 + shifted_k and shifted_k there, with the same first derivatives, so
+    # the derivative rules (and the Hessian) are unchanged.
+    return _Parts(others, rest, shifted_k, 1 + shifted_k, rest + shifted_k)
+  return _Parts(others, rest, shifted_k, jnp.exp(shifted_k), rest + jnp.expm1(shifted_k))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
+def _log1p_of(excess: jax.Array) -> jax.Array:
+  """``log_sum = log1p(excess)``, on XLA's vectorising CPU emitter (excess >= 0)."""
+  return jnp.log1p(numerics.vectorising(excess, never=excess < 0))
+
+
+def _inverse_sum(excess: jax.Array) -> jax.Array:
+  """``1 / sum_c exp(shifted_c)``, the softmax's denominator, from ``excess`` (>= 0).
+
+  A division, not ``exp(-log_sum)``: one transcendental less per row took
+  softmax CE's value-and-grad from 1.26x to 1.14x optax's CE time at C = 81
+  (4M logits, median of 80 paired rounds on the CPU).
+  """
+  return 1 / (1 + excess)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _log_sum(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool,
+             at_maximum: bool) -> jax.Array:
   """``log sum_c exp(shifted_c)``, as ``log1p(sum_{c != k} exp(shifted_c) + expm1(shifted_k))``."""
-  return _normalizer_parts(shifted, excluded, axis, small)[3]
+  return _log1p_of(_normalizer_parts(shifted, excluded, axis, small, at_maximum).excess)
 
 
 @_log_sum.defjvp
-def _log_sum_jvp(axis, small, primals, tangents):
+def _log_sum_jvp(axis, small, at_maximum, primals, tangents):
   shifted, excluded = primals
-  others, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
+  parts = _normalizer_parts(shifted, excluded, axis, small, at_maximum)
   # The softmax's numerators, with the excluded class's put back.
-  tangent = _dot_with_excluded(others, jnp.exp(shifted_k), tangents[0], excluded, axis)
-  return log_sum, tangent * jnp.exp(-log_sum)
+  tangent = _dot_with_excluded(parts.others, parts.exp_k, tangents[0], excluded, axis)
+  return _log1p_of(parts.excess), tangent * _inverse_sum(parts.excess)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
-def _excluded_nll(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
+def _excluded_nll(shifted: jax.Array, excluded: jax.Array, axis: int, small: bool,
+                  at_maximum: bool) -> jax.Array:
   """``-log p_k = log_sum - shifted_k`` of the excluded class, with the class axis kept."""
-  _, _, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
-  return log_sum - shifted_k
+  parts = _normalizer_parts(shifted, excluded, axis, small, at_maximum)
+  return _log1p_of(parts.excess) - parts.shifted_k
 
 
 @_excluded_nll.defjvp
-def _excluded_nll_jvp(axis, small, primals, tangents):
+def _excluded_nll_jvp(axis, small, at_maximum, primals, tangents):
   shifted, excluded = primals
-  others, rest, shifted_k, log_sum = _normalizer_parts(shifted, excluded, axis, small)
+  parts = _normalizer_parts(shifted, excluded, axis, small, at_maximum)
   # d(-log p_k) = sum_c p_c ds_c - ds_k. The coefficient of ds_k, p_k - 1, is
   # -rest / S: exact as p_k -> 1.
-  tangent = _dot_with_excluded(others, -rest, tangents[0], excluded, axis)
-  return log_sum - shifted_k, tangent * jnp.exp(-log_sum)
+  tangent = _dot_with_excluded(parts.others, -parts.rest, tangents[0], excluded, axis)
+  return _log1p_of(parts.excess) - parts.shifted_k, tangent * _inverse_sum(parts.excess)
 
 
 class LogNormalizer(NamedTuple):
@@ -330,8 +360,9 @@ def log_normalizer(inputs: SoftmaxInputs) -> LogNormalizer:
   shifted = _shift(x, top)
   excluded = inputs.ids if inputs.ids is not None else jnp.argmax(x, axis=axis)
   excluded = jnp.expand_dims(excluded, axis)
-  return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis, small),
-                       _excluded_nll(shifted, excluded, axis, small))
+  at_maximum = inputs.ids is None
+  return LogNormalizer(top, shifted, _log_sum(shifted, excluded, axis, small, at_maximum),
+                       _excluded_nll(shifted, excluded, axis, small, at_maximum))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
