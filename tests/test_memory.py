@@ -5,7 +5,8 @@ The gradient of every elementwise sigmoid loss reads the materialised loss
 place: value-and-grad holds no logits-sized temporary. That rests on XLA's
 buffer assignment and scheduling, which an XLA upgrade could change; memory
 analysis is deterministic (compiled, not timed), so these tests guard it.
-Other backends fuse on their own and are not checked here.
+The same holds for which of XLA's CPU emitters compiles each loop (the last
+test). Other backends fuse on their own and are not checked here.
 """
 
 import functools
@@ -105,7 +106,7 @@ def test_a_detectors_call_keeps_no_temporary():
 # with its newer emitter, which writes scalar code: 4-7x slower for a
 # transcendental (log1p over the rows of the softmax losses took 0.9-1.1 ms of
 # a 7 ms value-and-grad). The engine keeps a broadcast in every such loop
-# (jfocal/engine/softmax.py, `_normalizer_parts`).
+# (`jfocal.engine.numerics.vectorising`); the HLO after optimisation shows it.
 TRANSCENDENTALS = ("exponential(", "exponential-minus-one(", "log(", "log-plus-one(",
                    "logistic(", "tanh(", "power(", "sqrt(", "rsqrt(")
 

@@ -293,8 +293,8 @@ def _inverse_sum(excess: jax.Array) -> jax.Array:
   """``1 / sum_c exp(shifted_c)``, the softmax's denominator, from ``excess`` (>= 0).
 
   A division, not ``exp(-log_sum)``: one transcendental less per row took
-  softmax CE's value-and-grad from 1.26x to 1.14x optax's CE time at C = 81
-  (4M logits, median of 80 paired rounds on the CPU).
+  softmax CE's value-and-grad from 1.26x to 1.14x optax's CE time at 51781 x 81
+  (median of 80 paired rounds on the CPU).
   """
   return 1 / (1 + excess)
 
