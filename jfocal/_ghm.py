@@ -93,17 +93,16 @@ def harmonizing_weights(x: jax.Array, y: jax.Array, valid: jax.Array, *, bins: i
   counted = valid & ~jnp.isnan(g)
   g = jnp.where(counted, g, 0)  # NaN would make the bin index undefined
   # mmdetection's bin: edges[i] <= g < edges[i + 1] with edges = arange(bins + 1) / bins
-  # divided in the compute dtype (float32 for float32 logits, as in mmdetection) on
-  # the host, where division rounds correctly; the last bin is closed. floor(g bins)
-  # is that bin or a neighbour where g bins rounds across an edge; one compare
-  # with each of its edges corrects it.
-  host_dtype = np.dtype(dtype)
-  edges = np.arange(bins + 1, dtype=host_dtype) / host_dtype.type(bins)
-  lower = jnp.asarray(edges[:-1])
-  upper = jnp.asarray(np.append(edges[1:-1], np.inf).astype(host_dtype))
+  # divided in the compute dtype (float32 for float32 logits, as in mmdetection); the
+  # last bin is closed. floor(g bins) is that bin or a neighbour where g bins rounds
+  # across an edge; one compare with each of its edges corrects it. The edges are
+  # divided here, elementwise (IEEE division rounds correctly, as numpy's on the host):
+  # looked up in a table of them, they made XLA on the CPU write two logits-sized
+  # arrays for the histogram (a temporary of 4.0x the logits' bytes, 2.0x now).
   index = jnp.clip(jnp.floor(g * bins), 0, bins - 1).astype(jnp.int32)
-  index = (index - (g < reducing.per_class_values(lower, index)).astype(jnp.int32)
-           + (g >= reducing.per_class_values(upper, index)).astype(jnp.int32))
+  position = index.astype(dtype)
+  upper = jnp.where(index == bins - 1, jnp.inf, (position + 1) / bins)
+  index = index - (g < position / bins).astype(jnp.int32) + (g >= upper).astype(jnp.int32)
   # The histogram is replicated; under a mesh with explicit axes JAX needs to be told.
   replicated = jax.typeof(index).sharding.update(spec=jax.P())
   counts = jnp.zeros((bins,), dtype).at[index].add(counted.astype(dtype),

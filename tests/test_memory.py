@@ -102,6 +102,13 @@ def test_a_detectors_call_keeps_no_temporary():
   assert temp_over_logits(fn, x, class_ids(x)) <= AT_MOST
 
 
+def test_ghmc_keeps_two_logits_sized_buffers():
+  # Its histogram scatters every logit's count into its bin, and XLA writes the bins
+  # and the counts for that (2.0x the logits); looking the bin edges up in a table
+  # made it write two more (4.0x).
+  assert value_and_grad_temp(registry.LOSSES["ghmc_loss"], "dense", "sum") <= 2 + AT_MOST
+
+
 # XLA on the CPU (jaxlib 0.10) compiles a loop fusion that holds no broadcast
 # with its newer emitter, which writes scalar code: 4-7x slower for a
 # transcendental (log1p over the rows of the softmax losses took 0.9-1.1 ms of
