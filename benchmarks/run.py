@@ -97,9 +97,11 @@ FAMILIES: dict[str, dict[str, Callable]] = {
 
 
 DETECTOR = "sigmoid_focal_loss, detector ids (naive: optax)"
+# ASL's usual input, multi-label 0/1 targets, as integers: each side's power takes no log.
+ASL_HARD = "asymmetric_loss, 0/1 integer targets"
 Z_LOSS = "softmax_cross_entropy, z_loss=1e-4"
 # The family of the cases beyond the registry's losses.
-EXTRA_FAMILIES = {DETECTOR: "sigmoid", Z_LOSS: "softmax"}
+EXTRA_FAMILIES = {DETECTOR: "sigmoid", Z_LOSS: "softmax", ASL_HARD: "sigmoid"}
 
 
 def _optax_detector_loss(x, ids):
@@ -131,6 +133,7 @@ def registry_losses(classes: int) -> dict[str, tuple[Callable, Callable]]:
       return jnp.sum(entry.reference(x, y, **params))
 
     cases[entry.name] = (ours, naive, callers_sum)
+  cases[ASL_HARD] = cases["asymmetric_loss"]
   # A detector's call: class ids with background C and ignored anchors -1, the mean
   # over the positives; its peer is the same loss written with optax.
   # PaLM's z-loss on the softmax cross-entropy; its peer adds z lse**2 to the textbook CE.
@@ -240,6 +243,7 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
     family = registry.LOSSES[name].family if name in registry.LOSSES else EXTRA_FAMILIES[name]
     labels = ids if family == "softmax" else y
     labels = detector_ids if name == DETECTOR else labels
+    labels = jnp.asarray(positive, jnp.int32) if name == ASL_HARD else labels
     for impl, fn in (("jfocal", ours), ("naive", naive), ("jnp.sum", callers_sum)):
       candidates[(f"{impl} {name}", "value_and_grad")] = (jax.value_and_grad(fn), labels)
   compiled = {key: _compile(fn, x, labels) + (labels,)
@@ -283,7 +287,8 @@ def extended_markdown(rows: list[Row]) -> str:
     naive = _lookup(rows, impl=f"naive {name}", **key)
     callers_sum = _lookup(rows, impl=f"jnp.sum {name}", **key)
     focal = _lookup(rows, impl="jfocal sigmoid_focal_loss", **key)
-    dense = name in registry.LOSSES and registry.LOSSES[name].family == "sigmoid"
+    dense = name == ASL_HARD or (name in registry.LOSSES
+                                 and registry.LOSSES[name].family == "sigmoid")
     floor = _floor_of(rows, r, "dense" if dense else "ids")
     out.append(f"| {name} | {r.dtype} | {r.classes} | {r.elements} | {r.median_s * 1e3:.3f} | "
                f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
@@ -522,8 +527,9 @@ def headline(rows: list[Row]) -> list[str]:
     lines.append(f"elementwise sigmoid losses (all {len(elementwise)}), float32: XLA temp at "
                  f"most {worst.temp_over_input:.2f}x the logits ({worst.impl[7:]}; target "
                  f"<= 0.05); {others or 'no other sigmoid loss'}")
+    hard = _lookup(rows, family="extended", impl=f"jfocal {ASL_HARD}", dtype="float32")
     ratios = ", ".join(f"{r.impl[7:]} {r.median_s / _floor_of(rows, r, 'dense').median_s:.2f}"
-                       for r in sigmoid)
+                       for r in sigmoid + ([hard] if hard else []))
     lines.append(f"sigmoid losses' time over the floor kernel (target <= 2.0): {ratios}")
   ours = _lookup(rows, family="extended", impl=f"jfocal {DETECTOR}", dtype="float32")
   peer = _lookup(rows, family="extended", impl=f"naive {DETECTOR}", dtype="float32")

@@ -33,6 +33,8 @@ def test_quick_benchmark_writes_table_json_and_plot(tmp_path, monkeypatch):
     assert f"| {name} | float32 | 4 |" in table
   assert "| focal | 40 | 6 |" in table and "| CE | 3 | 80 |" in table and "| CE | 40 | 7 |" in table
   assert "sigmoid losses' time over the floor kernel" in table
+  assert "| asymmetric_loss, 0/1 integer targets | float32 | 4 |" in table
+  assert "asymmetric_loss, 0/1 integer targets " in table.split("over the floor kernel")[1]
   assert (tmp_path / "results.png").stat().st_size > 0
   assert "| linear_softmax_focal_loss | 96 |" in table
   assert ("vocabulary", "dense matmul + optax CE") in impls

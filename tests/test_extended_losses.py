@@ -8,6 +8,7 @@ state and mmdetection's numbers, and agreement with optax.
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -430,6 +431,54 @@ def test_asymmetric_probability_shift_discards_easy_negatives_and_has_the_papers
       x, np.ones(x.shape, np.int32), gamma_pos=gamma_pos, gamma_neg=gamma_neg, clip=clip), hard)
   assert_close(positive[1], ref.sigmoid_focal_grad_paper(hard, np.ones(5), None, gamma_pos),
                jnp.float64, what="positives' gradient vs the focal paper")
+
+
+@pytest.mark.parametrize("clip", [0.05, 0.2, 0.7, 1e-6])
+def test_asymmetric_loss_of_a_negative_near_the_clip_keeps_the_precision_of_p_m(clip):
+  """-log(1 - p_m) for p_m from 1e-7 to 0.95 (1 - c) is exact up to the rounding of p (its part
+  ~eps c) and a few ulps of its own, in float32 against float64 from the same logits: a
+  small p_m is carried by p - c, not by the rounded 1 - p_m, whose error (~eps) would be
+  up to 10**6 times p_m."""
+  c = float(np.float32(clip))
+  logit = lambda p: np.log(p) - np.log1p(-p)
+  p_m = np.concatenate([np.geomspace(1e-7, 0.5 * (1 - c), 400),
+                        np.linspace(0.5 * (1 - c), 0.95 * (1 - c), 100)])
+  x = logit(c + p_m).astype(np.float32)
+  x = x[jax.nn.sigmoid(x.astype(np.float64)) > c]
+  value = jax.jit(lambda x: jfocal.asymmetric_loss(x, jnp.zeros(x.shape, jnp.int32),
+                                                   gamma_pos=0.0, gamma_neg=0.0, clip=c))(x)
+  b = -np.log1p(-(1 / (1 + np.exp(-x.astype(np.float64))) - c))
+  eps = np.finfo(np.float32).eps
+  error = np.abs(np.asarray(value, np.float64) - b)
+  assert (error <= 4 * eps * (c + b)).all(), np.max(error / (eps * (c + b)))
+
+
+TRANSCENDENTALS = re.compile(r"= \S+ (exponential|log|log-plus-one|power)\(")
+
+
+@pytest.mark.parametrize("gammas", [(1.0, 4.0), (0.0, 2.5), (2.0, 0.0), (0.5, 4.7)])
+def test_asymmetric_loss_of_0_1_targets_takes_each_sides_power(gammas):
+  """Integer 0/1 targets with static integer or k + 1/2 gammas: m is q or p_m, so each
+  side takes its own power, with no log m and no exp(g log m) in the value or in its
+  derivative (other gammas keep the general m**g); the loss, gradient and Hessian are
+  those of the same targets as floats (the general m**g)."""
+  gamma_pos, gamma_neg = gammas
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(8, 5)) * 4, jnp.float32)
+  y = rng.uniform(size=(8, 5)) < 0.4
+  loss = lambda x, y: jfocal.asymmetric_loss(x, y, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
+                                             reduction="sum")
+  derivatives = jax.jit(lambda x, y: (loss(x, y), jax.grad(loss)(x, y),
+                                      jax.hessian(loss)(x, y)))
+  hard, soft = (jnp.asarray(y, jnp.int32), jnp.asarray(y, jnp.float32))
+  for got, want, what in zip(derivatives(x, hard), derivatives(x, soft),
+                             ("value", "gradient", "Hessian"), strict=True):
+    assert_close(got, want, jnp.float32, what=what)
+  count = lambda y: len(TRANSCENDENTALS.findall(
+      jax.jit(jax.value_and_grad(loss)).lower(x, y).compile().as_text()))
+  # Two per pass, value and derivative (which share them where XLA does not fence).
+  saved = 0 if gammas == (0.5, 4.7) else 2
+  assert count(hard) <= count(soft) - saved, (count(hard), count(soft))
 
 
 def test_asymmetric_loss_detached_focusing_weights_the_cross_entropy_gradient():

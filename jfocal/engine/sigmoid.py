@@ -55,6 +55,7 @@ class SigmoidInputs(NamedTuple):
   positives: jax.Array         # the number of unmasked positive targets (for num_positives)
   dtype: np.dtype              # compute dtype
   out_dtype: np.dtype          # dtype of the unreduced loss
+  hard: bool                   # every target is 0 or 1: integer or bool labels, no smoothing
 
   @property
   def num_classes(self) -> int | None:
@@ -80,6 +81,7 @@ def prepare(logits: Any, labels: Any, *, weights: Any, where: Any, ignore_index:
   labels = checks.as_array(labels, name)
   dtype = checks.compute_dtype(logits)
   checks.check_labels_dtype(labels, name)
+  hard = not jnp.issubdtype(labels.dtype, jnp.floating) and scores is None
   ignore_index = checks.check_ignore_index(ignore_index, labels, name)
   label_smoothing = checks.check_label_smoothing(label_smoothing)
   shape = logits.shape
@@ -150,7 +152,8 @@ def prepare(logits: Any, labels: Any, *, weights: Any, where: Any, ignore_index:
   # and writes nothing logits-sized.
   positives = jnp.sum(positive_rows) if positive_rows is not None else jnp.sum(targets > 0)
   weights = None if weights is None else checks.check_weights(weights, shape)
-  return SigmoidInputs(x, y, mass, mask, invalid, weights, positives, dtype, logits.dtype)
+  return SigmoidInputs(x, y, mass, mask, invalid, weights, positives, dtype, logits.dtype,
+                       hard and label_smoothing == 0)
 
 
 class Folded(NamedTuple):
