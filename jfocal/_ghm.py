@@ -105,10 +105,13 @@ def harmonizing_weights(x: jax.Array, y: jax.Array, valid: jax.Array, *, bins: i
   index = index - (g < position / bins).astype(jnp.int32) + (g >= upper).astype(jnp.int32)
   # The histogram is replicated; under a mesh with explicit axes JAX needs to be told.
   replicated = jax.typeof(index).sharding.update(spec=jax.P())
-  counts = jnp.zeros((bins,), dtype).at[index].add(counted.astype(dtype),
-                                                     out_sharding=replicated)
-  counts = reducing.global_sum(counts, axis_name)
-  total = jnp.maximum(reducing.global_sum(jnp.sum(valid, dtype=dtype), axis_name), 1)
+  # Counted in int32: a float32 sum of ones stops growing at 2**24, which a bin of
+  # a detector's batch passes (16 images x 120k anchors x 80 classes = 1.5e8 elements).
+  counts = jnp.zeros((bins,), jnp.int32).at[index].add(counted.astype(jnp.int32),
+                                                         out_sharding=replicated)
+  counts = reducing.global_sum(counts.astype(dtype), axis_name)
+  total = jnp.sum(valid, dtype=jnp.int32).astype(dtype)
+  total = jnp.maximum(reducing.global_sum(total, axis_name), 1)
   populated = counts > 0
   previous = state.astype(dtype)
   # mmdetection's moving average, updated only where this batch has elements;

@@ -313,6 +313,21 @@ def test_ghmc_without_momentum_weights_by_this_batch_only():
   np.testing.assert_array_equal(state, [2.0, 1.0, 1.0, 2.0])
 
 
+def test_ghmc_counts_a_bin_past_float32s_integers():
+  """A detector's batch puts more than 2**24 elements in the easy bin, where a float32
+  running count of ones stops at 2**24 (and the weights grow by N / 2**24): 2e7 easy
+  negatives and 4 hard ones, in float32, with integer class ids."""
+  anchors, classes = 250_000, 80
+  x = jnp.full((anchors, classes), -20.0, jnp.float32).at[0, :4].set(20.0)
+  ids = jnp.full((anchors,), classes, jnp.int32)  # every anchor background
+  loss, state = jax.jit(lambda x, ids: jfocal.ghmc_loss(x, ids, bins=2, reduction="sum"))(x, ids)
+  np.testing.assert_array_equal(state, [anchors * classes - 4, 4])
+  # beta = N / (count * 2 populated bins): N / 2 in total for each bin.
+  n = anchors * classes
+  expected = n / 2 * float(jax.nn.softplus(-20.0)) + n / 2 * float(jax.nn.softplus(20.0))
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+
+
 def test_ghmc_in_a_scanned_training_loop_equals_a_python_loop():
   rng = np.random.default_rng(6)
   xs = jnp.asarray(rng.normal(size=(5, 8, 3)) * 3, jnp.float32)
