@@ -130,16 +130,17 @@ def _weight(a: _Shifted, y: jax.Array, gamma_pos: Parameter, gamma_neg: Paramete
   return jnp.where((y == 0) | (y == 1), sides, numerics.power(a.m, g, a.log_m))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
 def asymmetric_term(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: jax.Array,
                     gamma_neg: jax.Array, clip: jax.Array, static_gamma_pos: float | None,
                     static_gamma_neg: float | None, static_clip: float | None,
-                    detach_focusing: bool, hard: bool) -> jax.Array:
+                    detach_focusing: bool, hard: bool, summed: bool) -> jax.Array:
   """``factor m**g CE_a`` elementwise (see the module docstring), fenced.
 
   The hyper-parameters are the arrays of `jfocal.engine.numerics.split` and
   their static values (or None); ``detach_focusing`` only changes the derivatives;
-  ``hard`` says that every target is 0 or 1 (`jfocal.engine.sigmoid.SigmoidInputs`).
+  ``hard`` says that every target is 0 or 1 (`jfocal.engine.sigmoid.SigmoidInputs`),
+  ``summed`` that the value's only other reader is its sum (`jfocal.engine.sigmoid.summed`).
   """
   return numerics.fence(_value(x, y, factor, numerics.pick(gamma_pos, static_gamma_pos),
                                numerics.pick(gamma_neg, static_gamma_neg),
@@ -154,7 +155,7 @@ def _value(x: jax.Array, y: jax.Array, factor: jax.Array, gamma_pos: Parameter,
 
 @functools.partial(asymmetric_term.defjvp, symbolic_zeros=True)
 def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach_focusing,
-                         hard, primals, tangents):
+                         hard, summed, primals, tangents):
   x, y, factor, gamma_pos_array, gamma_neg_array, clip_array = primals
   x_dot, y_dot, factor_dot, gamma_pos_dot, gamma_neg_dot, clip_dot = tangents
   gamma_pos = numerics.pick(gamma_pos_array, static_gamma_pos)
@@ -182,10 +183,20 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
     # q / (q + c), 1 for c = 0 where q may underflow.
     kept = jnp.where(clip > 0, a.q / jnp.where(clip > 0, a.u, 1), 1)
     d_dx = -y * a.q + jnp.where(a.shifted, (1 - y) * a.p * kept, 0)
-    if focusing:
-      # ratio (up to |x|) times d m/dx (down to |x| e^-|x|) first: bounded at every logit.
-      d_dx = d_dx + g * (ratio * (pq * (jnp.where(a.shifted, 1 - y, 0) - y)))
-    tangent = tangent + numerics.reads(value, factor * weight * d_dx) * x_dot
+    dm_dx = pq * (jnp.where(a.shifted, 1 - y, 0) - y)
+    if focusing and summed:
+      # factor m**g g r dm/dx = g (value / m) dm/dx: the loss, whose only other reader is
+      # its sum, in place of A's and B's logarithms. value / m = factor m**g r is
+      # bounded; where dm/dx is 0 the value may be inf (a clipped infinite logit).
+      positive = a.m > 0
+      over_m = jnp.where(positive, value / jnp.where(positive, a.m, 1), 0)
+      d_x = factor * weight * d_dx + g * jnp.where(dm_dx == 0, 0, over_m * dm_dx)
+    else:
+      if focusing:
+        # ratio (up to |x|) times d m/dx (down to |x| e^-|x|) first: bounded at every logit.
+        d_dx = d_dx + g * (ratio * dm_dx)
+      d_x = factor * weight * d_dx
+    tangent = tangent + numerics.reads(value, d_x) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_dy = a.a - a.b
     if focusing:
@@ -303,6 +314,6 @@ def asymmetric_loss(logits: ArrayLike, labels: ArrayLike, *, gamma_pos: Paramete
                                     ("clip", clip))]
   arrays, statics = zip(*parameters, strict=True)
   value = asymmetric_term(x, inputs.y, factor, *arrays, *statics, bool(detach_focusing),
-                          inputs.hard)
+                          inputs.hard, sigmoid.summed(reduction))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
