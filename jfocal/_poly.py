@@ -41,11 +41,14 @@ def _poly1_value(f: sigmoid.Folded, factor: jax.Array | float, alpha_t: jax.Arra
   return factor * (focal + epsilon * (weight * f.one_minus_p_t))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7))
 def poly1_focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, alpha_t: jax.Array,
                      epsilon: jax.Array, gamma: jax.Array,
-                     static_gamma: float | None) -> jax.Array:
-  """``factor [alpha_t (1 - p_t)**gamma CE(x, y) + epsilon (1 - p_t)**(gamma + 1)]`` elementwise."""
+                     static_gamma: float | None, summed: bool) -> jax.Array:
+  """``factor [alpha_t (1 - p_t)**gamma CE(x, y) + epsilon (1 - p_t)**(gamma + 1)]`` elementwise.
+
+  ``summed`` is `jfocal.engine.sigmoid.summed`.
+  """
   return numerics.fence(_poly1_focal_value(x, y, factor, alpha_t, epsilon,
                                            numerics.pick(gamma, static_gamma)))
 
@@ -58,7 +61,7 @@ def _poly1_focal_value(x: jax.Array, y: jax.Array, factor: jax.Array, alpha_t: j
 
 
 @functools.partial(poly1_focal_term.defjvp, symbolic_zeros=True)
-def _poly1_focal_term_jvp(static_gamma, primals, tangents):
+def _poly1_focal_term_jvp(static_gamma, summed, primals, tangents):
   x, y, factor, alpha_t, epsilon, gamma_array = primals
   x_dot, y_dot, factor_dot, alpha_dot, epsilon_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
@@ -71,11 +74,23 @@ def _poly1_focal_term_jvp(static_gamma, primals, tangents):
   if not isinstance(x_dot, SymbolicZero):
     pq = f.sigmoid_minus_z * f.sigmoid_z
     focal_dz = f.v - f.sigmoid_minus_z
-    if focusing:
-      focal_dz = focal_dz + gamma * (f.pq_over_m() * f.cross_entropy) * (f.v - f.u)
-    d_dz = weight * (numerics.zero_removes(alpha_t, focal_dz)
-                     + epsilon * poly_power * (f.v - f.u) * pq)
-    tangent = tangent + numerics.reads(value, f.signed(factor * d_dz)) * x_dot
+    poly_dz = epsilon * poly_power * (f.v - f.u) * pq
+    if focusing and summed and numerics.is_algebraic(gamma):
+      # As the focal core's rule: the focusing term reads the focal part of the loss,
+      # value - factor eps m**(gamma + 1) (|eps| m <= |eps| CE bounds the cancellation
+      # by 1 + |eps| / alpha_t ulps), instead of recomputing log1p. 0 where pq / m is
+      # (the value may be inf there).
+      pq_over_m = f.pq_over_m()
+      focal = jnp.where(alpha_t == 0, 0,
+                        value - factor * (epsilon * (weight * f.one_minus_p_t)))
+      d_focus = jnp.where(pq_over_m == 0, 0, pq_over_m * focal)
+      d_z = (factor * weight * (numerics.zero_removes(alpha_t, focal_dz) + poly_dz)
+             + gamma * d_focus * (f.v - f.u))
+    else:
+      if focusing:
+        focal_dz = focal_dz + gamma * (f.pq_over_m() * f.cross_entropy) * (f.v - f.u)
+      d_z = factor * weight * (numerics.zero_removes(alpha_t, focal_dz) + poly_dz)
+    tangent = tangent + numerics.reads(value, f.signed(d_z)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     focal_du = -f.z
     if focusing:
@@ -196,7 +211,7 @@ def poly1_focal_loss(logits: ArrayLike, labels: ArrayLike, *, epsilon: ArrayLike
   epsilon = checks.scalar(epsilon, "epsilon").astype(inputs.dtype)
   gamma = checks.parameter(gamma, "gamma")
   value = poly1_focal_term(x, inputs.y, factor, alpha_t, epsilon,
-                           *numerics.split(gamma, inputs.dtype))
+                           *numerics.split(gamma, inputs.dtype), sigmoid.summed(reduction))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
 
