@@ -187,10 +187,11 @@ def _asymmetric_term_jvp(static_gamma_pos, static_gamma_neg, static_clip, detach
     if focusing and summed:
       # factor m**g g r dm/dx = g (value / m) dm/dx: the loss, whose only other reader is
       # its sum, in place of A's and B's logarithms. value / m = factor m**g r is
-      # bounded; where dm/dx is 0 the value may be inf (a clipped infinite logit).
+      # bounded; where p q underflows the value may be inf (a clipped infinite logit).
+      # (Not where dm/dx is 0: at y = 1/2 and p = 1/2 it is, but not its y-derivative.)
       positive = a.m > 0
       over_m = jnp.where(positive, value / jnp.where(positive, a.m, 1), 0)
-      d_x = factor * weight * d_dx + g * jnp.where(dm_dx == 0, 0, over_m * dm_dx)
+      d_x = factor * weight * d_dx + g * jnp.where(pq == 0, 0, over_m * dm_dx)
     else:
       if focusing:
         # ratio (up to |x|) times d m/dx (down to |x| e^-|x|) first: bounded at every logit.

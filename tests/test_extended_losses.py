@@ -46,6 +46,14 @@ SECOND_DERIVATIVE_CASES = {
                    lambda x, y: ref.focal_star(x, y, 0.25, 2.0, 1.0)),
     "poly1_focal": (lambda x, y: jfocal.poly1_focal_loss(x, y, epsilon=2.0, gamma=0.5),
                     lambda x, y: ref.poly1_focal(x, y, 0.25, 0.5, 2.0)),
+    # A summed loss's derivative may read its value (an algebraic gamma): its own rule.
+    "poly1_focal, sum": (
+        lambda x, y: jfocal.poly1_focal_loss(x, y, epsilon=2.0, gamma=1.5, reduction="sum"),
+        lambda x, y: ref.poly1_focal(x, y, 0.25, 1.5, 2.0)),
+    "asymmetric": (lambda x, y: jfocal.asymmetric_loss(x, y),
+                   lambda x, y: ref.asymmetric(x, y, 1.0, 4.0, 0.05)),
+    "asymmetric, sum": (lambda x, y: jfocal.asymmetric_loss(x, y, reduction="sum"),
+                        lambda x, y: ref.asymmetric(x, y, 1.0, 4.0, 0.05)),
     "quality_focal": (lambda x, y: jfocal.quality_focal_loss(x, y, beta=2.0),
                       lambda x, y: ref.quality_focal(x, y, 2.0)),
     "varifocal": (lambda x, y: jfocal.varifocal_loss(x, y, gamma=1.5),
