@@ -64,10 +64,13 @@ def _quality_parts(x: jax.Array, y: jax.Array, beta: Parameter):
   return f, delta, matched, log_abs_delta, weight
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
 def quality_focal_term(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
-                       static_beta: float | None) -> jax.Array:
-  """``factor |y - sigmoid(x)|**beta * CE(x, y)`` elementwise, for targets y in [0, 1]."""
+                       static_beta: float | None, summed: bool) -> jax.Array:
+  """``factor |y - sigmoid(x)|**beta * CE(x, y)`` elementwise, for targets y in [0, 1].
+
+  ``summed`` is `jfocal.engine.sigmoid.summed`.
+  """
   return numerics.fence(_quality_value(x, y, factor, numerics.pick(beta, static_beta)))
 
 
@@ -77,7 +80,7 @@ def _quality_value(x: jax.Array, y: jax.Array, factor: jax.Array, beta: Paramete
 
 
 @functools.partial(quality_focal_term.defjvp, symbolic_zeros=True)
-def _quality_focal_term_jvp(static_beta, primals, tangents):
+def _quality_focal_term_jvp(static_beta, summed, primals, tangents):
   x, y, factor, beta_array = primals
   x_dot, y_dot, factor_dot, beta_dot = tangents
   beta = numerics.pick(beta_array, static_beta)
@@ -87,6 +90,7 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
   cross_entropy = f.cross_entropy
   direction = jnp.sign(delta)
   exponent = numerics.integer_exponent(beta)
+  half = numerics.half_integer_exponent(beta)
   focusing = not numerics.is_static_zero(beta)
   # Read only where focusing (an integer exponent is a positive beta).
   slope_z: jax.Array | float = 0.0
@@ -98,7 +102,7 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
     slope_u = beta * (power if exponent % 2 == 0 else power * direction)
     slope_z = slope_u * (f.sigmoid_z * f.sigmoid_minus_z)
     slope_u = slope_u * cross_entropy
-  elif (half := numerics.half_integer_exponent(beta)) is not None:
+  elif half is not None:
     # beta = k + 1/2: |delta|**(beta - 1) is |delta|**(k - 1) sqrt|delta|, no logarithm.
     # From delta itself, as the value's weight: delta underflows only where y and sigma
     # are both below 1e-30 or within e**-100 of 1, and there both of the slope's
@@ -125,10 +129,20 @@ def _quality_focal_term_jvp(static_beta, primals, tangents):
         jnp.where(flat, 0, (beta - 1) * safe_log + log_ce)))
   tangent = jnp.zeros_like(value)
   if not isinstance(x_dot, SymbolicZero):
-    d_dz = weight * delta
-    if focusing:
-      d_dz = d_dz + slope_z * cross_entropy
-    tangent = tangent + numerics.reads(value, f.signed(factor * d_dz)) * x_dot
+    if summed and half is not None:
+      # As the focal core's rule: factor slope_z CE = beta pq value / delta reads the
+      # loss (whose only other reader is its sum) instead of recomputing log1p; 0 at
+      # delta = 0, as slope_z, and where pq underflows (the value may be inf there).
+      pq = f.sigmoid_z * f.sigmoid_minus_z
+      flat = matched | (pq == 0)
+      d_z = factor * weight * delta + jnp.where(
+          flat, 0, beta * pq * (value / jnp.where(flat, 1, delta)))
+    else:
+      d_dz = weight * delta
+      if focusing:
+        d_dz = d_dz + slope_z * cross_entropy
+      d_z = factor * d_dz
+    tangent = tangent + numerics.reads(value, f.signed(d_z)) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     d_du = -weight * f.z
     if focusing:
@@ -299,7 +313,8 @@ def quality_focal_loss(logits: ArrayLike, scores: Targets, *, beta: Parameter = 
                            ignore_index=ignore_index, label_smoothing=0.0, name="scores")
   x, factor = sigmoid.fold(inputs)
   beta = checks.parameter(beta, "beta")
-  value = quality_focal_term(x, inputs.y, factor, *numerics.split(beta, inputs.dtype))
+  value = quality_focal_term(x, inputs.y, factor, *numerics.split(beta, inputs.dtype),
+                             sigmoid.summed(reduction))
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)
 

@@ -50,6 +50,9 @@ SECOND_DERIVATIVE_CASES = {
     "poly1_focal, sum": (
         lambda x, y: jfocal.poly1_focal_loss(x, y, epsilon=2.0, gamma=1.5, reduction="sum"),
         lambda x, y: ref.poly1_focal(x, y, 0.25, 1.5, 2.0)),
+    "quality_focal 2.5, sum": (
+        lambda x, y: jfocal.quality_focal_loss(x, y, beta=2.5, reduction="sum"),
+        lambda x, y: ref.quality_focal(x, y, 2.5)),
     "asymmetric": (lambda x, y: jfocal.asymmetric_loss(x, y),
                    lambda x, y: ref.asymmetric(x, y, 1.0, 4.0, 0.05)),
     "asymmetric, sum": (lambda x, y: jfocal.asymmetric_loss(x, y, reduction="sum"),
