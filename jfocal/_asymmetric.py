@@ -127,7 +127,11 @@ def _weight(a: _Shifted, y: jax.Array, gamma_pos: Parameter, gamma_neg: Paramete
                     numerics.power(a.m, gamma_neg, a.log_m))
   if hard:
     return sides
-  return jnp.where((y == 0) | (y == 1), sides, numerics.power(a.m, g, a.log_m))
+  # A soft target's log m is log(m) (only y = 1 needs softplus, for an underflowing q),
+  # so the derivative pass, which reads the loss for CE_a, needs no log1p.
+  positive = a.m > 0
+  log_m = jnp.where(positive, jnp.log(jnp.where(positive, a.m, 1)), -jnp.inf)
+  return jnp.where((y == 0) | (y == 1), sides, numerics.power(a.m, g, log_m))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(6, 7, 8, 9, 10, 11))
