@@ -11,7 +11,9 @@ cross-entropy at ``gamma = 1, beta = 0``. Each softplus is split as
 ``softplus(t) / gamma = relu(t) / gamma + log1p(exp(-|t|)) / gamma`` with the
 ReLU part written as ``relu(-x - c)`` or ``relu(x - c)``, ``c = beta / gamma``,
 so that neither ``gamma x`` overflowing nor ``exp`` of a large argument can
-turn a finite loss infinite. The derivatives are
+turn a finite loss infinite. Targets known to be 0 or 1 (class ids, integer or bool
+labels) compute only their side's softplus and sigmoid, with the same bits. The
+derivatives are
 
     d/dx     = -y sigma(-a) + (1 - y) sigma(b)
     d/dy     = A - B
@@ -46,6 +48,15 @@ def _parts(x: jax.Array, beta: jax.Array, gamma: Parameter):
   return a, b, positive, negative
 
 
+def _side(x: jax.Array, y: jax.Array, beta: jax.Array, gamma: Parameter) -> jax.Array:
+  """`_parts`'s term of the side a 0/1 target is on, to the bit: one ``exp`` and one ``log1p``."""
+  shift = beta / gamma
+  pulled = y == 1
+  t = gamma * jnp.where(pulled, x + shift, x - shift)  # a or b
+  return (jnp.maximum(jnp.where(pulled, -(x + shift), x - shift), 0)
+          + numerics.log1p_of_unit(jnp.exp(-jnp.abs(t))) / gamma)
+
+
 def _entropy(t: jax.Array) -> jax.Array:
   """``H(t) = t sigma(-t) + softplus(-t)``, symmetric in ``t`` and bounded by log 2."""
   z = jnp.abs(t)
@@ -53,32 +64,44 @@ def _entropy(t: jax.Array) -> jax.Array:
   return z * e / (1 + e) + numerics.log1p_of_unit(e)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6))
 def focal_star_term(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
-                    gamma: jax.Array, static_gamma: float | None) -> jax.Array:
-  """``factor [y softplus(-(gamma x + beta)) + (1 - y) softplus(gamma x - beta)] / gamma``."""
-  return numerics.fence(_value(x, y, factor, beta, numerics.pick(gamma, static_gamma)))
+                    gamma: jax.Array, static_gamma: float | None, hard: bool) -> jax.Array:
+  """``factor [y softplus(-(gamma x + beta)) + (1 - y) softplus(gamma x - beta)] / gamma``.
+
+  ``hard``: every target is 0 or 1 (`jfocal.engine.sigmoid.SigmoidInputs`), so that the
+  loss and its x-derivative take the target's side only (`_side`), with the same bits.
+  """
+  return numerics.fence(_value(x, y, factor, beta, numerics.pick(gamma, static_gamma), hard))
 
 
 def _value(x: jax.Array, y: jax.Array, factor: jax.Array, beta: jax.Array,
-           gamma: Parameter) -> jax.Array:
+           gamma: Parameter, hard: bool) -> jax.Array:
+  if hard:
+    return factor * _side(x, y, beta, gamma)
   _, _, positive, negative = _parts(x, beta, gamma)
   return factor * sigmoid.mix(y, positive, negative)
 
 
 @functools.partial(focal_star_term.defjvp, symbolic_zeros=True)
-def _focal_star_term_jvp(static_gamma, primals, tangents):
+def _focal_star_term_jvp(static_gamma, hard, primals, tangents):
   x, y, factor, beta, gamma_array = primals
   x_dot, y_dot, factor_dot, beta_dot, gamma_dot = tangents
   gamma = numerics.pick(gamma_array, static_gamma)
-  value = _value(x, y, factor, beta, gamma)
+  value = _value(x, y, factor, beta, gamma, hard)
   x = numerics.derivative_logits(x)
   a, b, positive, negative = _parts(x, beta, gamma)
   pull_up = y * jax.nn.sigmoid(-a)            # from the positive side
   push_down = (1 - y) * jax.nn.sigmoid(b)     # from the negative side
   tangent = jnp.zeros_like(value)
   if not isinstance(x_dot, SymbolicZero):
-    tangent = tangent + numerics.reads(value, factor * (push_down - pull_up)) * x_dot
+    if hard:  # sigma(b) - 0 or 0 - sigma(-a), one sigmoid
+      pulled = y == 1
+      pull = jax.nn.sigmoid(jnp.where(pulled, -a, b))
+      d_dx = jnp.where(pulled, -pull, pull)
+    else:
+      d_dx = push_down - pull_up
+    tangent = tangent + numerics.reads(value, factor * d_dx) * x_dot
   if not isinstance(y_dot, SymbolicZero):
     tangent = tangent + factor * (positive - negative) * y_dot
   if not isinstance(factor_dot, SymbolicZero):
@@ -168,6 +191,7 @@ def sigmoid_focal_loss_star(logits: ArrayLike, labels: ArrayLike, *,
   x, factor = sigmoid.fold(inputs, alpha=alpha)
   gamma = checks.parameter(gamma, "gamma")
   beta = checks.scalar(beta, "beta").astype(inputs.dtype)
-  value = focal_star_term(x, inputs.y, factor, beta, *numerics.split(gamma, inputs.dtype))
+  value = focal_star_term(x, inputs.y, factor, beta, *numerics.split(gamma, inputs.dtype),
+                          inputs.hard)
   return sigmoid.reduce(value, inputs, reduction=reduction, normalizer=normalizer,
                         axis_name=axis_name)

@@ -479,21 +479,36 @@ def test_asymmetric_loss_of_a_negative_near_the_clip_keeps_the_precision_of_p_m(
   assert (error <= 4 * eps * (c + b)).all(), np.max(error / (eps * (c + b)))
 
 
-TRANSCENDENTALS = re.compile(r"= \S+ (exponential|log|log-plus-one|power)\(")
+TRANSCENDENTALS = re.compile(r"= \S+ (exponential|log|log-plus-one|power|logistic)\(")
 
 
-@pytest.mark.parametrize("gammas", [(1.0, 4.0), (0.0, 2.5), (2.0, 0.0), (0.5, 4.7)])
-def test_asymmetric_loss_of_0_1_targets_takes_each_sides_power(gammas):
-  """Integer 0/1 targets with static integer or k + 1/2 gammas: m is q or p_m, so each
-  side takes its own power, with no log m and no exp(g log m) in the value or in its
-  derivative (other gammas keep the general m**g); the loss, gradient and Hessian are
-  those of the same targets as floats (the general m**g)."""
-  gamma_pos, gamma_neg = gammas
+# Losses with a program of their own for 0/1 targets known as such (integer or bool), and
+# the transcendentals (per pass: value and derivative) it saves against float targets.
+ONE_SIDE = {
+    # m is q or p_m, and each side takes its own power: no log m, no exp(g log m).
+    "ASL, gammas 1 and 4": (functools.partial(jfocal.asymmetric_loss, gamma_pos=1.0,
+                                              gamma_neg=4.0), 2),
+    "ASL, gammas 0 and 2.5": (functools.partial(jfocal.asymmetric_loss, gamma_pos=0.0,
+                                                gamma_neg=2.5), 2),
+    "ASL, gammas 2 and 0": (functools.partial(jfocal.asymmetric_loss, gamma_pos=2.0,
+                                              gamma_neg=0.0), 2),
+    # Other gammas keep the general m**g, which two powers would only double.
+    "ASL, gammas 0.5 and 4.7": (functools.partial(jfocal.asymmetric_loss, gamma_pos=0.5,
+                                                  gamma_neg=4.7), 0),
+    # One softplus, of the target's side, instead of both.
+    "FL*": (functools.partial(jfocal.sigmoid_focal_loss_star, gamma=2.0, beta=1.0), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_SIDE))
+def test_0_1_integer_targets_take_their_own_program(name):
+  """Integer 0/1 targets: the loss, gradient and Hessian of the same targets as floats
+  (the general form), with fewer transcendentals in value-and-grad."""
+  fn, saved = ONE_SIDE[name]
   rng = np.random.default_rng(6)
   x = jnp.asarray(rng.normal(size=(8, 5)) * 4, jnp.float32)
   y = rng.uniform(size=(8, 5)) < 0.4
-  loss = lambda x, y: jfocal.asymmetric_loss(x, y, gamma_pos=gamma_pos, gamma_neg=gamma_neg,
-                                             reduction="sum")
+  loss = lambda x, y: fn(x, y, reduction="sum")
   derivatives = jax.jit(lambda x, y: (loss(x, y), jax.grad(loss)(x, y),
                                       jax.hessian(loss)(x, y)))
   hard, soft = (jnp.asarray(y, jnp.int32), jnp.asarray(y, jnp.float32))
@@ -502,8 +517,7 @@ def test_asymmetric_loss_of_0_1_targets_takes_each_sides_power(gammas):
     assert_close(got, want, jnp.float32, what=what)
   count = lambda y: len(TRANSCENDENTALS.findall(
       jax.jit(jax.value_and_grad(loss)).lower(x, y).compile().as_text()))
-  # Two per pass, value and derivative (which share them where XLA does not fence).
-  saved = 0 if gammas == (0.5, 4.7) else 2
+  # Where XLA does not fence, value and derivative share them: count one pass.
   assert count(hard) <= count(soft) - saved, (count(hard), count(soft))
 
 
