@@ -3,7 +3,8 @@
 Every case compiles all implementations first, then times them in interleaved
 rounds (one call of each per round, in a fresh seeded random order each round) in
 this one process, so that the machine's noise hits all of them alike; the table
-reports medians and ratios. Memory comes from XLA's `memory_analysis()` of the
+reports medians, and ratios as the median of the two candidates' per-round ratios
+(`ratio`). Memory comes from XLA's `memory_analysis()` of the
 compiled value-and-grad.
 
     python benchmarks/run.py                 # the full sweep, writes results.md/.png
@@ -164,6 +165,22 @@ class Row:
   temp_over_input: float | None
   input_bytes: int
   output_bytes: int
+  # Seconds of each round, in round order; rows timed together share the rounds (`ratio`).
+  seconds: list[float] = dataclasses.field(default_factory=list)
+
+
+def ratio(row: Row, other: Row) -> float:
+  """``row``'s time over ``other``'s: the median of their per-round ratios where they were
+  timed in the same rounds, else the ratio of medians. Single calls on this VM alternate
+  between two speeds (the floor kernel's between about 1.0 and 2.0 ms at 1M logits) that
+  calls close in time share, so the per-round ratio moves less between runs."""
+  if row.seconds and len(row.seconds) == len(other.seconds):
+    return float(np.median(np.asarray(row.seconds) / np.asarray(other.seconds)))
+  return row.median_s / other.median_s
+
+
+def _median(seconds: list[float]) -> float:
+  return float(np.median(seconds)) if seconds else float("nan")
 
 
 def _inputs(family: str, elements: int, classes: int, dtype, rng):
@@ -187,7 +204,7 @@ def _compile(fn, x, labels):
 
 
 def _interleaved(calls: dict, rounds: int) -> dict:
-  """Median seconds of each ``key: (compiled, args)``, timed one call each per round.
+  """Seconds of each round for each ``key: (compiled, args)``, timed one call each per round.
 
   Each round runs the calls in a fresh random order (seeded, so a run is
   repeatable): a call that follows one with large buffers pays for the
@@ -201,8 +218,7 @@ def _interleaved(calls: dict, rounds: int) -> dict:
     for index in order.permutation(len(keys)):
       fn, args = calls[keys[index]]
       times[keys[index]].append(_timed(fn, *args))
-  return {key: float(np.median(seconds)) if seconds else float("nan")
-          for key, seconds in times.items()}
+  return times
 
 
 def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
@@ -214,14 +230,15 @@ def run_case(family, dtype, classes, elements, rounds, rng) -> list[Row]:
     candidates[(impl, "value_and_grad")] = jax.value_and_grad(loss)
   candidates[("floor", "forward")] = candidates[("floor", "value_and_grad")] = _floor
   compiled = {key: _compile(fn, x, labels) for key, fn in candidates.items()}
-  medians = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _) in compiled.items()},
-                         rounds)
+  times = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _) in compiled.items()},
+                       rounds)
   rows = []
   for (impl, mode), (_, compile_s, temp) in compiled.items():
     rows.append(Row(family, jnp.dtype(dtype).name, classes, int(x.size), impl, mode,
-                    medians[(impl, mode)], compile_s,
+                    _median(times[(impl, mode)]), compile_s,
                     None if temp is None else temp / x.nbytes, input_bytes,
-                    x.nbytes if mode == "value_and_grad" or impl == "floor" else 4))
+                    x.nbytes if mode == "value_and_grad" or impl == "floor" else 4,
+                    times[(impl, mode)]))
   return rows
 
 
@@ -248,11 +265,12 @@ def run_extended(dtype, classes, elements, rounds, rng) -> list[Row]:
       candidates[(f"{impl} {name}", "value_and_grad")] = (jax.value_and_grad(fn), labels)
   compiled = {key: _compile(fn, x, labels) + (labels,)
               for key, (fn, labels) in candidates.items()}
-  medians = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _, labels)
-                          in compiled.items()}, rounds)
+  times = _interleaved({key: (fn, (x, labels)) for key, (fn, _, _, labels)
+                        in compiled.items()}, rounds)
   return [Row("extended", jnp.dtype(dtype).name, classes, int(x.size), impl, mode,
-              medians[(impl, mode)], compile_s,
-              None if temp is None else temp / x.nbytes, x.nbytes + y.nbytes, x.nbytes)
+              _median(times[(impl, mode)]), compile_s,
+              None if temp is None else temp / x.nbytes, x.nbytes + y.nbytes, x.nbytes,
+              times[(impl, mode)])
           for (impl, mode), (_, compile_s, temp, _) in compiled.items()]
 
 
@@ -291,9 +309,9 @@ def extended_markdown(rows: list[Row]) -> str:
                                  and registry.LOSSES[name].family == "sigmoid")
     floor = _floor_of(rows, r, "dense" if dense else "ids")
     out.append(f"| {name} | {r.dtype} | {r.classes} | {r.elements} | {r.median_s * 1e3:.3f} | "
-               f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
-               f"{r.median_s / focal.median_s:.2f} | {fmt(r.temp_over_input)} | "
-               f"{callers_sum.median_s / r.median_s:.2f} | {fmt(callers_sum.temp_over_input)} | "
+               f"{ratio(naive, r):.2f} | {ratio(r, floor):.2f} | "
+               f"{ratio(r, focal):.2f} | {fmt(r.temp_over_input)} | "
+               f"{ratio(callers_sum, r):.2f} | {fmt(callers_sum.temp_over_input)} | "
                f"{fmt(naive.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n"
 
@@ -327,11 +345,12 @@ def run_softmax_classes(cases, rounds, rng) -> list[Row]:
     compiled = {impl: _compile(jax.value_and_grad(fn), x, ids)
                 for impl, fn in SOFTMAX_CLASSES.items()}
     compiled["floor"] = _compile(_floor, x, ids)
-    medians = _interleaved({impl: (fn, (x, ids)) for impl, (fn, _, _) in compiled.items()},
-                           rounds)
+    times = _interleaved({impl: (fn, (x, ids)) for impl, (fn, _, _) in compiled.items()},
+                         rounds)
     rows += [Row("softmax classes", "float32", classes, int(x.size), impl, "value_and_grad",
-                 medians[impl], compile_s,
-                 None if temp is None else temp / x.nbytes, x.nbytes + ids.nbytes, x.nbytes)
+                 _median(times[impl]), compile_s,
+                 None if temp is None else temp / x.nbytes, x.nbytes + ids.nbytes, x.nbytes,
+                 times[impl])
              for impl, (_, compile_s, temp) in compiled.items()]
   return rows
 
@@ -349,8 +368,8 @@ def softmax_classes_markdown(rows: list[Row]) -> str:
     optax_ce = _lookup(rows, impl="optax CE", **key)
     floor = _lookup(rows, impl="floor", **key)
     out.append(f"| {r.impl[len('jfocal '):]} | {r.classes} | {r.elements // r.classes} | "
-               f"{r.median_s * 1e3:.3f} | {r.median_s / optax_ce.median_s:.2f} | "
-               f"{r.median_s / floor.median_s:.2f} | {fmt(r.temp_over_input)} | "
+               f"{r.median_s * 1e3:.3f} | {ratio(r, optax_ce):.2f} | "
+               f"{ratio(r, floor):.2f} | {fmt(r.temp_over_input)} | "
                f"{fmt(optax_ce.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n"
 
@@ -386,8 +405,8 @@ def run_vocabulary(tokens, features_dim, vocab, rounds, rng, notes: list[str],
   logits_bytes = tokens * vocab * 4
   compiled = {name: _compile(jax.value_and_grad(fn, argnums=(0, 1)), f, w)
               for name, fn in vocabulary_losses(ids).items()}
-  medians = _interleaved({name: (fn, (f, w)) for name, (fn, _, _) in compiled.items()},
-                         rounds if timed else 0)
+  times = _interleaved({name: (fn, (f, w)) for name, (fn, _, _) in compiled.items()},
+                       rounds if timed else 0)
   if timed:  # float32 agreement of fused CE with the dense path: loss, and gradients
     (dense_loss, dense_grads), (loss, grads) = (
         compiled[name][0](f, w) for name in (DENSE, "linear_softmax_cross_entropy"))
@@ -397,8 +416,9 @@ def run_vocabulary(tokens, features_dim, vocab, rounds, rng, notes: list[str],
                  f"{agreement:.1e} relative in float32 (the loss, and the largest gradient "
                  "error over the largest gradient entry)")
   return [Row("vocabulary", "float32", vocab, tokens * vocab, name, "value_and_grad",
-              medians[name], compile_s,
-              None if temp is None else temp / logits_bytes, f.nbytes + w.nbytes, w.nbytes)
+              _median(times[name]), compile_s,
+              None if temp is None else temp / logits_bytes, f.nbytes + w.nbytes, w.nbytes,
+              times[name])
           for name, (_, compile_s, temp) in compiled.items()]
 
 
@@ -416,7 +436,7 @@ def vocabulary_markdown(rows: list[Row], tokens: int, features_dim: int) -> str:
     ce = _lookup(rows, family="vocabulary", classes=r.classes,
                  impl="linear_softmax_cross_entropy")
     out.append(f"| {r.impl} | {r.classes} | {fmt(r.median_s * 1e3)} | "
-               f"{fmt(r.median_s / dense.median_s)} | {fmt(r.median_s / ce.median_s)} | "
+               f"{fmt(ratio(r, dense))} | {fmt(ratio(r, ce))} | "
                f"{fmt(r.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n"
 
@@ -486,13 +506,13 @@ def headline(rows: list[Row]) -> list[str]:
     if ours and peer and floor:
       lines.append(
           f"sigmoid focal value-and-grad, {ours.elements} float32 elements, C={classes}: "
-          f"{peer.median_s / ours.median_s:.2f}x faster than optax (target >= 4), "
-          f"{ours.median_s / floor.median_s:.2f}x the floor kernel (target <= 2.5), "
+          f"{ratio(peer, ours):.2f}x faster than optax (target >= 4), "
+          f"{ratio(ours, floor):.2f}x the floor kernel (target <= 2.5), "
           f"XLA temp {ours.temp_over_input:.2f}x the logits bytes (target <= 1.0; optax "
           f"{peer.temp_over_input:.2f}x)")
     checked = _lookup(rows, impl="jfocal checked", elements=_elements(rows, big, classes), **where)
     if ours and checked:
-      lines.append(f"jfocal.checked costs {checked.median_s / ours.median_s:.2f}x the unchecked "
+      lines.append(f"jfocal.checked costs {ratio(checked, ours):.2f}x the unchecked "
                    f"sigmoid value-and-grad there")
   where = dict(family="softmax", dtype="float32", mode="value_and_grad")
   for classes in sorted({r.classes for r in rows if r.family == "softmax"}):
@@ -505,8 +525,8 @@ def headline(rows: list[Row]) -> list[str]:
       target = "target <= 1.15" if classes == 81 else "no target"
       lines.append(
           f"softmax focal value-and-grad with integer labels, {elements // classes} x "
-          f"{classes}: {ours.median_s / peer.median_s:.3f}x the time of optax integer-label "
-          f"CE ({target}); naive focal {naive.median_s / peer.median_s:.2f}x")
+          f"{classes}: {ratio(ours, peer):.3f}x the time of optax integer-label "
+          f"CE ({target}); naive focal {ratio(naive, peer):.2f}x")
   for classes, elements in sorted({(r.classes, r.elements) for r in rows
                                    if r.family == "softmax classes"}):
     where = dict(family="softmax classes", classes=classes, elements=elements)
@@ -514,8 +534,8 @@ def headline(rows: list[Row]) -> list[str]:
     ce, focal = (_lookup(rows, impl=f"jfocal {name}", **where) for name in ("CE", "focal"))
     count = elements // classes
     lines.append(f"softmax with class ids, {count}{' (odd)' if count % 2 else ''} x {classes}: "
-                 f"CE {ce.median_s / peer.median_s:.2f}x optax's integer-label CE (target "
-                 f"<= 1.0), focal {focal.median_s / peer.median_s:.2f}x (target <= 1.1)")
+                 f"CE {ratio(ce, peer):.2f}x optax's integer-label CE (target "
+                 f"<= 1.0), focal {ratio(focal, peer):.2f}x (target <= 1.1)")
   sigmoid = [r for r in rows if r.family == "extended" and r.dtype == "float32"
              and r.impl.startswith("jfocal ") and r.impl[7:] in registry.LOSSES
              and registry.LOSSES[r.impl[7:]].family == "sigmoid"]
@@ -528,7 +548,7 @@ def headline(rows: list[Row]) -> list[str]:
                  f"most {worst.temp_over_input:.2f}x the logits ({worst.impl[7:]}; target "
                  f"<= 0.05); {others or 'no other sigmoid loss'}")
     hard = _lookup(rows, family="extended", impl=f"jfocal {ASL_HARD}", dtype="float32")
-    ratios = ", ".join(f"{r.impl[7:]} {r.median_s / _floor_of(rows, r, 'dense').median_s:.2f}"
+    ratios = ", ".join(f"{r.impl[7:]} {ratio(r, _floor_of(rows, r, 'dense')):.2f}"
                        for r in sigmoid + ([hard] if hard else []))
     lines.append(f"sigmoid losses' time over the floor kernel (target <= 2.0): {ratios}")
   ours = _lookup(rows, family="extended", impl=f"jfocal {DETECTOR}", dtype="float32")
@@ -537,7 +557,7 @@ def headline(rows: list[Row]) -> list[str]:
     lines.append(
         f"sigmoid focal value-and-grad, a detector's call (class ids, ignore_index, mean "
         f"over num_positives), {ours.elements} float32 elements, C={ours.classes}: "
-        f"{peer.median_s / ours.median_s:.2f}x faster than optax with one-hot targets, "
+        f"{ratio(peer, ours):.2f}x faster than optax with one-hot targets, "
         f"XLA temp {ours.temp_over_input:.2f}x the logits bytes (optax "
         f"{peer.temp_over_input:.2f}x)")
   return lines
@@ -568,9 +588,9 @@ def markdown(rows: list[Row], lines: list[str], machine: str) -> str:
     checked = _lookup(rows, impl="jfocal checked", **key)
     out.append(
         f"| {r.family} | {r.dtype} | {r.classes} | {r.elements} | {r.mode} | "
-        f"{r.median_s * 1e3:.3f} | {peer_name} | {peer.median_s / r.median_s:.2f} | "
-        f"{naive.median_s / r.median_s:.2f} | {r.median_s / floor.median_s:.2f} | "
-        f"{checked.median_s / r.median_s:.2f} | "
+        f"{r.median_s * 1e3:.3f} | {peer_name} | {ratio(peer, r):.2f} | "
+        f"{ratio(naive, r):.2f} | {ratio(r, floor):.2f} | "
+        f"{ratio(checked, r):.2f} | "
         f"{fmt(r.temp_over_input)} | {fmt(peer.temp_over_input)} | {r.compile_s:.2f} |")
   return "\n".join(out) + "\n" + softmax_classes_markdown(rows) + extended_markdown(rows)
 
@@ -684,8 +704,9 @@ def main() -> None:
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "results.md").write_text(markdown(rows, lines, machine) + vocabulary_markdown(
       rows, args.vocab_tokens, args.vocab_features))
-  (args.out / "results.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows],
-                                                    indent=1))
+  # Without each round's seconds (50k numbers): the medians, and results.md's ratios.
+  records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "seconds"} for r in rows]
+  (args.out / "results.json").write_text(json.dumps(records, indent=1))
   plot(rows, args.out / "results.png")
   print(f"wrote {args.out / 'results.md'}, results.json and results.png "
         f"in {time.perf_counter() - started:.0f} s")
